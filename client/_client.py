@@ -1,0 +1,297 @@
+"""The synchronous normserve client."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+
+from . import codec
+from ._modules import module_spec
+from ._proto import normserve_pb2 as pb
+from ._proto import normserve_pb2_grpc as pb_grpc
+from .errors import InvalidArgumentError, from_rpc_error, from_status_value
+from .types import LayerInfo, NormalizeResult, StateVersion
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+# Matches the server's default; big enough for a (32, 3, 224, 224) float32 batch.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+Metadata = Sequence[tuple[str, str]]
+_MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
+
+
+def _mode(mode: str) -> int:
+    try:
+        return _MODES[mode.lower()]
+    except (KeyError, AttributeError):
+        raise InvalidArgumentError(f"mode must be 'train' or 'eval', got {mode!r}") from None
+
+
+def _encode(x: Any) -> pb.Tensor:
+    try:
+        return codec.encode(x)
+    except codec.CodecError as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
+def _decode(t: pb.Tensor, like: Any) -> Any:
+    """A writable array/tensor of the caller's kind (numpy, or torch on `like`'s device)."""
+    try:
+        if codec.is_torch(like):
+            return codec.to_torch(t).clone().to(like.device)
+        return codec.to_numpy(t).copy()
+    except codec.CodecError as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
+def _state_version(v: pb.StateVersion) -> StateVersion:
+    return StateVersion(version=v.version, num_batches_tracked=v.num_batches_tracked)
+
+
+def _layer_info(info: pb.LayerInfo) -> LayerInfo:
+    kind, args = codec.spec_to_kwargs(info.spec)
+    return LayerInfo(
+        name=info.name,
+        kind=kind,
+        args=args,
+        state=_state_version(info.state),
+        has_running_stats=info.has_running_stats,
+    )
+
+
+def _encode_state(state: Mapping[str, Any]) -> dict[str, pb.Tensor]:
+    return {key: _encode(value) for key, value in state.items()}
+
+
+class Client:
+    """Synchronous client for a normserve server.
+
+    >>> with Client("127.0.0.1:50051") as c:
+    ...     c.create_layer("bn", "BatchNorm2d", num_features=3)
+    ...     y = c.normalize("bn", x, mode="train")
+
+    Arrays in, arrays out: numpy in gives numpy out; torch in gives torch out on the
+    input's device (torch is optional). Every failed call raises a
+    `normserve.client.errors.NormServeError` subclass carrying the gRPC status `code`.
+
+    `timeout` (seconds) and `metadata` are defaults for every call; each method also
+    takes its own.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ):
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata or ())
+        channel_options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *options,
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._stub = pb_grpc.NormServiceStub(self._channel)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, rpc: Any, request: Any, timeout: Optional[float], metadata: Optional[Metadata]) -> Any:
+        try:
+            return rpc(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self.metadata + tuple(metadata or ()),
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    # -- layers --------------------------------------------------------------------------
+    def create_layer(
+        self,
+        name: str,
+        kind: Union[str, Any],
+        *,
+        state: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+        **kwargs: Any,
+    ) -> LayerInfo:
+        """Create a layer from a torch class name and its constructor kwargs
+        (`create_layer("bn", "BatchNorm2d", num_features=3, momentum=None)`), or from a
+        local torch module, whose configuration and state_dict are copied."""
+        if not isinstance(kind, str):
+            if kwargs:
+                raise InvalidArgumentError("pass either a module or constructor kwargs, not both")
+            module = kind
+            try:
+                kind, kwargs = module_spec(module)
+            except codec.CodecError as e:
+                raise InvalidArgumentError(str(e)) from None
+            if state is None:
+                state = module.state_dict()
+        try:
+            spec = codec.kwargs_to_spec(kind, kwargs)
+        except codec.CodecError as e:
+            raise InvalidArgumentError(str(e)) from None
+        request = pb.CreateLayerRequest(name=name, spec=spec, state=_encode_state(state or {}))
+        return _layer_info(self._call(self._stub.CreateLayer, request, timeout, metadata).layer)
+
+    def get_layer(self, name: str, *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None) -> LayerInfo:
+        response = self._call(self._stub.GetLayer, pb.GetLayerRequest(name=name), timeout, metadata)
+        return _layer_info(response.layer)
+
+    def list_layers(
+        self, prefix: str = "", *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None
+    ) -> list[LayerInfo]:
+        """Layers sorted by name, optionally only those whose name starts with `prefix`."""
+        response = self._call(self._stub.ListLayers, pb.ListLayersRequest(prefix=prefix), timeout, metadata)
+        return [_layer_info(info) for info in response.layers]
+
+    def delete_layer(self, name: str, *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None) -> None:
+        self._call(self._stub.DeleteLayer, pb.DeleteLayerRequest(name=name), timeout, metadata)
+
+    # -- state ---------------------------------------------------------------------------
+    def get_state(
+        self,
+        name: str,
+        *,
+        as_torch: bool = False,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+    ) -> dict[str, Any]:
+        """The layer's state_dict (same keys as the torch module's): numpy arrays, or torch
+        tensors with `as_torch=True` (needed for bfloat16 layers)."""
+        response = self._call(self._stub.GetState, pb.GetStateRequest(name=name), timeout, metadata)
+        like = codec.to_torch(pb.Tensor(dtype=pb.DTYPE_FLOAT32)) if as_torch else None
+        return {key: _decode(t, like) for key, t in response.state.items()}
+
+    def load_state(
+        self,
+        name: str,
+        state: Mapping[str, Any],
+        *,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+    ) -> StateVersion:
+        """Replace the layer's state (strict: every key of its state_dict, matching shapes)."""
+        request = pb.LoadStateRequest(name=name, state=_encode_state(state))
+        return _state_version(self._call(self._stub.LoadState, request, timeout, metadata).state)
+
+    def reset_running_stats(
+        self, name: str, *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None
+    ) -> StateVersion:
+        request = pb.ResetRunningStatsRequest(name=name)
+        return _state_version(self._call(self._stub.ResetRunningStats, request, timeout, metadata).state)
+
+    # -- normalization -------------------------------------------------------------------
+    def normalize(
+        self,
+        layer: str,
+        x: Any,
+        mode: str = "eval",
+        *,
+        request_id: str = "",
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+    ) -> Any:
+        """Run one batch through a server-side layer; `mode` is "train" or "eval"."""
+        return self.normalize_result(layer, x, mode, request_id=request_id, timeout=timeout, metadata=metadata).output
+
+    def normalize_result(
+        self,
+        layer: str,
+        x: Any,
+        mode: str = "eval",
+        *,
+        request_id: str = "",
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+    ) -> NormalizeResult[Any]:
+        """Like `normalize`, also returning the state version the request read or produced."""
+        request = pb.NormalizeRequest(layer=layer, mode=_mode(mode), input=_encode(x), request_id=request_id)
+        response = self._call(self._stub.Normalize, request, timeout, metadata)
+        return NormalizeResult(_decode(response.output, x), _state_version(response.state), response.request_id)
+
+    def normalize_stream(
+        self,
+        layer: str,
+        batches: Iterable[Any],
+        mode: str = "eval",
+        *,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+    ) -> Iterator[Any]:
+        """Stream batches through one bidirectional call; yields outputs in order.
+
+        Requests are sent as fast as `batches` yields them (several in flight). A batch the
+        server rejects raises its error at that position and ends the iteration; batches
+        before it were applied, batches after it were not sent or not applied in order.
+        """
+        for result in self.normalize_stream_results(layer, batches, mode, timeout=timeout, metadata=metadata):
+            yield result.output
+
+    def normalize_stream_results(
+        self,
+        layer: str,
+        batches: Iterable[Any],
+        mode: str = "eval",
+        *,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+    ) -> Iterator[NormalizeResult[Any]]:
+        """Like `normalize_stream`, yielding NormalizeResult (output + state version)."""
+        mode_value = _mode(mode)
+        sent: collections.deque[Any] = collections.deque()
+        local_error: list[BaseException] = []
+
+        def requests() -> Iterator[pb.NormalizeRequest]:
+            # gRPC consumes this on its own thread; an exception here would surface only as
+            # a CANCELLED call, so keep it and raise it in the caller's thread instead.
+            try:
+                for x in batches:
+                    tensor = _encode(x)
+                    sent.append(x)
+                    yield pb.NormalizeRequest(layer=layer, mode=mode_value, input=tensor)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                local_error.append(e)
+
+        call = self._stub.NormalizeStream(
+            requests(),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self.metadata + tuple(metadata or ()),
+        )
+        try:
+            for response in call:
+                x = sent.popleft()
+                if response.HasField("error"):
+                    err = from_status_value(response.error.code, response.error.message)
+                    err.sequence = response.sequence  # type: ignore[attr-defined]
+                    raise err
+                result = response.response
+                yield NormalizeResult(_decode(result.output, x), _state_version(result.state), result.request_id)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+        if local_error:
+            raise local_error[0]

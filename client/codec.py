@@ -1,0 +1,228 @@
+"""The one codec module, shared by server and client.
+
+Tensors: numpy / torch <-> normserve.v1.Tensor. Layer specs: (torch class name, torch
+constructor kwargs) <-> normserve.v1.LayerSpec.
+
+Wire format: dtype enum, shape, raw little-endian C-order bytes. Decoding validates the
+message completely (known dtype, non-negative dims, byte length = prod(shape) * itemsize)
+before any tensor is built, and builds it without copying the bytes. torch is optional:
+only the torch functions need it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from ._proto import normserve_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
+
+if sys.byteorder != "little":  # the zero-copy paths below assume the wire's byte order
+    raise ImportError("normserve supports little-endian hosts only")
+
+# Tensors decoded from protobuf bytes are never written in place (the server only reads
+# its inputs); torch's warning about the read-only buffer is noise on every request.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+DTYPE_NAMES: dict[int, str] = {
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT64: "float64",
+    pb.DTYPE_FLOAT16: "float16",
+    pb.DTYPE_BFLOAT16: "bfloat16",
+    pb.DTYPE_INT64: "int64",
+}
+DTYPE_ENUMS: dict[str, int] = {name: enum for enum, name in DTYPE_NAMES.items()}
+ITEMSIZE: dict[str, int] = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8}
+# numpy has no bfloat16: such tensors travel as torch tensors only.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<") for name in ("float32", "float64", "float16", "int64")
+}
+
+MAX_RANK = 8
+
+
+class CodecError(ValueError):
+    """A message or a local value that can't be converted; the message says why."""
+
+
+class TensorElementsExceeded(CodecError):
+    """A tensor is larger than the configured element limit."""
+
+
+def check(t: pb.Tensor, max_elements: Optional[int] = None) -> tuple[str, tuple[int, ...]]:
+    """Validate a Tensor message; returns (dtype name, shape)."""
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        expected = ", ".join(pb.DType.Name(e) for e in DTYPE_NAMES)
+        raise CodecError(f"unknown tensor dtype {t.dtype}; expected one of {expected}")
+    shape = tuple(t.shape)
+    if len(shape) > MAX_RANK:
+        raise CodecError(f"tensor rank {len(shape)} exceeds the maximum of {MAX_RANK}")
+    if any(d < 0 for d in shape):
+        raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise TensorElementsExceeded(
+            f"tensor shape {list(shape)} has {count} elements, over the limit of {max_elements}"
+        )
+    expected_bytes = count * ITEMSIZE[name]
+    if len(t.data) != expected_bytes:
+        raise CodecError(
+            f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {name} needs {expected_bytes}"
+        )
+    return name, shape
+
+
+# -- torch -------------------------------------------------------------------------------
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - exercised only without torch
+        raise CodecError("torch is not installed; use numpy arrays") from e
+    return torch
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    return getattr(_torch(), name)
+
+
+def to_torch(t: pb.Tensor, max_elements: Optional[int] = None) -> "torch.Tensor":
+    """Decode without copying: the tensor views the message's bytes (treat it as read-only)."""
+    torch = _torch()
+    name, shape = check(t, max_elements)
+    dtype = getattr(torch, name)
+    if not t.data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(t.data, dtype=dtype).view(shape)
+
+
+def from_torch(x: "torch.Tensor") -> pb.Tensor:
+    """Encode a torch tensor (any device, any strides) with one copy into the message."""
+    torch = _torch()
+    name = str(x.dtype).removeprefix("torch.")
+    if name not in DTYPE_ENUMS:
+        raise CodecError(
+            f"unsupported tensor dtype {x.dtype}; expected one of {', '.join(DTYPE_ENUMS)}"
+        )
+    x = x.detach().to("cpu").contiguous()
+    if x.dtype == torch.bfloat16:
+        x = x.view(torch.int16)  # numpy can't hold bfloat16; the bytes are the same
+    return pb.Tensor(dtype=DTYPE_ENUMS[name], shape=x.shape, data=x.numpy().tobytes())
+
+
+# -- numpy -------------------------------------------------------------------------------
+def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None) -> np.ndarray:
+    """Decode without copying into a read-only array."""
+    name, shape = check(t, max_elements)
+    if name not in NUMPY_DTYPES:
+        raise CodecError(f"{name} tensors have no numpy dtype; decode them with torch")
+    return np.frombuffer(t.data, dtype=NUMPY_DTYPES[name]).reshape(shape)
+
+
+def from_numpy(x: np.ndarray) -> pb.Tensor:
+    x = np.asarray(x)
+    name = x.dtype.name
+    if name not in NUMPY_DTYPES:
+        raise CodecError(
+            f"unsupported array dtype {x.dtype}; expected one of {', '.join(NUMPY_DTYPES)}"
+        )
+    data = np.ascontiguousarray(x, dtype=NUMPY_DTYPES[name]).tobytes()
+    return pb.Tensor(dtype=DTYPE_ENUMS[name], shape=x.shape, data=data)
+
+
+def is_torch(x: Any) -> bool:
+    """True for a torch.Tensor, without importing torch when it isn't loaded already."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def encode(x: Any) -> pb.Tensor:
+    """numpy array, torch tensor or anything np.asarray accepts -> Tensor message."""
+    return from_torch(x) if is_torch(x) else from_numpy(x)
+
+
+# -- layer specs -------------------------------------------------------------------------
+KIND_FIELDS: dict[str, str] = {
+    "BatchNorm1d": "batch_norm1d",
+    "BatchNorm2d": "batch_norm2d",
+    "BatchNorm3d": "batch_norm3d",
+    "InstanceNorm1d": "instance_norm1d",
+    "InstanceNorm2d": "instance_norm2d",
+    "InstanceNorm3d": "instance_norm3d",
+    "LayerNorm": "layer_norm",
+    "GroupNorm": "group_norm",
+    "RMSNorm": "rms_norm",
+}
+FIELD_KINDS: dict[str, str] = {f: k for k, f in KIND_FIELDS.items()}
+_FLOAT_NAMES = ("float32", "float64", "float16", "bfloat16")
+
+
+def spec_to_kwargs(spec: pb.LayerSpec) -> tuple[str, dict[str, Any]]:
+    """LayerSpec -> (torch class name, constructor kwargs). Unset optional fields are left
+    out (the layer's defaults apply); momentum=None comes from `cumulative_average`."""
+    which = spec.WhichOneof("kind")
+    if which is None:
+        raise CodecError(f"layer spec names no kind; expected one of {', '.join(KIND_FIELDS)}")
+    msg = getattr(spec, which)
+    kwargs: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        name = field.name
+        value = getattr(msg, name)
+        if name == "dtype":
+            if value != pb.DTYPE_UNSPECIFIED:
+                dtype = DTYPE_NAMES.get(value)
+                if dtype not in _FLOAT_NAMES:
+                    raise CodecError(f"layer dtype must be a floating type, got {pb.DType.Name(value) if dtype else value}")
+                kwargs["dtype"] = dtype
+        elif name == "cumulative_average":
+            if value:
+                kwargs["momentum"] = None
+        elif field.has_presence:
+            if msg.HasField(name):
+                kwargs[name] = value
+        elif field.is_repeated:
+            kwargs[name] = list(value)
+        else:
+            kwargs[name] = value
+    return FIELD_KINDS[which], kwargs
+
+
+def kwargs_to_spec(kind: str, kwargs: dict[str, Any]) -> pb.LayerSpec:
+    """(torch class name, constructor kwargs) -> LayerSpec. `dtype` may be a torch.dtype or
+    a name; `momentum=None` becomes `cumulative_average`."""
+    which = KIND_FIELDS.get(kind)
+    if which is None:
+        raise CodecError(f"unknown layer kind {kind!r}; expected one of {', '.join(KIND_FIELDS)}")
+    spec = pb.LayerSpec()
+    msg = getattr(spec, which)
+    fields = {f.name for f in msg.DESCRIPTOR.fields} - {"cumulative_average"}
+    for name, value in kwargs.items():
+        if name not in fields:
+            raise CodecError(f"{kind} has no argument {name!r}; expected some of {sorted(fields)}")
+        try:
+            if name == "dtype":
+                dtype = str(value).removeprefix("torch.")
+                if dtype not in _FLOAT_NAMES:
+                    raise CodecError(f"{kind}: dtype must be one of {', '.join(_FLOAT_NAMES)}, got {value!r}")
+                msg.dtype = DTYPE_ENUMS[dtype]
+            elif name == "momentum" and value is None:
+                if "cumulative_average" not in {f.name for f in msg.DESCRIPTOR.fields}:
+                    raise CodecError(f"{kind}: momentum must be a number (None is BatchNorm only)")
+                msg.cumulative_average = True
+            elif name == "eps" and value is None and kind == "RMSNorm":
+                continue
+            elif name == "normalized_shape":
+                msg.normalized_shape.extend([value] if isinstance(value, int) else list(value))
+            else:
+                setattr(msg, name, value)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, CodecError):
+                raise
+            raise CodecError(f"{kind}: invalid value {value!r} for {name}: {e}") from None
+    return spec

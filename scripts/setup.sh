@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create .venv and install normserve into it (idempotent). Usage: scripts/setup.sh [EXTRAS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-server}"
+python3 -m venv .venv
+# torch first and pinned: a loose requirement could pull a multi-GB CUDA build.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"

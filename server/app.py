@@ -1,0 +1,115 @@
+"""Assemble and run the server: gRPC (NormService, health, reflection) plus /metrics."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Optional
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from normserve.client._proto import normserve_pb2 as pb
+from normserve.client._proto import normserve_pb2_grpc as pb_grpc
+
+from .engine import Registry
+from .metrics import Metrics
+from .settings import Settings
+from .transport.servicer import NormServicer
+
+log = logging.getLogger("normserve")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NormService"].full_name
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NormServer:
+    """One server process's worth of state: registry, metrics, gRPC server."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.layers = Registry(max_layers=settings.max_layers)
+        self.metrics = Metrics(self.layers, settings.metrics_max_labelled_layers)
+        self.health = health.HealthServicer()
+        self.port: Optional[int] = None
+        self.metrics_port: Optional[int] = None
+        self._stopped = threading.Event()
+        limit = settings.max_message_bytes
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="normserve-rpc"),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Never share a port with another process (a stale server would steal calls).
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_NormServiceServicer_to_server(
+            NormServicer(self.layers, self.metrics, settings.max_tensor_elements), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+
+    def start(self) -> None:
+        s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        self.port = self._server.add_insecure_port(host_port(s.host, s.port))
+        if self.port == 0:
+            raise OSError(f"could not bind gRPC to {host_port(s.host, s.port)}")
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(s.metrics_host, s.metrics_port)
+        self._server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        metrics_at = (
+            f"http://{host_port(s.metrics_host, self.metrics_port)}/metrics" if self.metrics_port is not None else "off"
+        )
+        log.info("normserve serving grpc=%s metrics=%s", host_port(s.host, self.port), metrics_at)
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Graceful: health NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones
+        finish within the grace period."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("shutting down (grace %.1fs)", grace)
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self.metrics.stop_http()
+        self._stopped.set()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit status."""
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    server = NormServer(settings)
+    server.start()
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop_requested.wait(0.5):
+        pass
+    server.stop()
+    return 0

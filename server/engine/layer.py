@@ -1,0 +1,218 @@
+"""One named layer and its state, with per-request mode and copy-on-write updates.
+
+Concurrency model: the current state is an immutable `_Snapshot` (a torch module in eval
+mode plus a version number) behind one reference. Eval requests read that reference and
+run without any lock, so they never block each other and always see one consistent state.
+Train requests (and LoadState / ResetRunningStats) take the layer's write lock, run on a
+copy whose running buffers are cloned, and publish the copy only when everything
+succeeded: updates are linearizable and a failed request leaves the state as it was.
+The mode lives in the per-request copy, never on the shared module.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .errors import InvalidInput, NoRunningStats, RequestAbandoned
+from .specs import LayerConfig, build_module, spatial_dims
+
+# torch only warns when an InstanceNorm without affine/running stats sees another channel
+# count; the result is still what torch computes, so the warning is noise here.
+warnings.filterwarnings("ignore", message="input's size at dim=.* does not match num_features")
+
+_FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class StateVersion:
+    """`version` grows by one with every state change; `num_batches_tracked` as in torch."""
+
+    version: int
+    num_batches_tracked: int
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    module: nn.Module  # eval mode; never mutated once published
+    version: StateVersion
+
+
+def _state_version(module: nn.Module, version: int) -> StateVersion:
+    nbt = getattr(module, "num_batches_tracked", None)
+    return StateVersion(version, int(nbt) if nbt is not None else 0)
+
+
+def _writable_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy sharing parameters, with its own clones of every buffer."""
+    work = copy.copy(module)
+    object.__setattr__(work, "_buffers", {k: None if v is None else v.clone() for k, v in module._buffers.items()})
+    return work
+
+
+class Layer:
+    def __init__(self, name: str, config: LayerConfig, state: Optional[Mapping[str, torch.Tensor]] = None):
+        self.name = name
+        self.config = config
+        self._write_lock = threading.Lock()
+        module = build_module(config)
+        self._snapshot = _Snapshot(module, _state_version(module, 0))
+        if state:
+            self.load_state(state)
+            # The initial state is the layer's version 0, not a change to it.
+            module = self._snapshot.module
+            self._snapshot = _Snapshot(module, _state_version(module, 0))
+
+    # -- reading ---------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    @property
+    def has_running_stats(self) -> bool:
+        return self.config.tracks_running_stats
+
+    @property
+    def version(self) -> StateVersion:
+        return self._snapshot.version
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], StateVersion]:
+        """The layer's state_dict and the version it belongs to (tensors are read-only views)."""
+        snap = self._snapshot
+        return dict(snap.module.state_dict()), snap.version
+
+    # -- running batches -------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        train: bool,
+        still_wanted: Optional[Callable[[], bool]] = None,
+    ) -> tuple[torch.Tensor, StateVersion]:
+        """Run one batch in train or eval mode; returns the output and the state version it
+        read (eval) or produced (train).
+
+        `still_wanted` is asked just before a train update is committed; when it returns
+        False the update is dropped and RequestAbandoned raised.
+        """
+        self._check_input(x, train)
+        if not (train and self.has_running_stats):
+            # Nothing to update: eval, or a kind whose train mode changes no state
+            # (for those torch gives the same output in both modes).
+            snap = self._snapshot
+            return self._run(snap.module, x), snap.version
+        with self._write_lock:
+            snap = self._snapshot
+            work = _writable_copy(snap.module)
+            work.training = True
+            out = self._run(work, x)
+            work.training = False
+            if still_wanted is not None and not still_wanted():
+                raise RequestAbandoned("request cancelled or past its deadline; state unchanged")
+            return out, self._publish(work, snap)
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.no_grad():
+                return module(x)
+        except (RuntimeError, ValueError) as e:
+            # Shape and dtype checks torch makes beyond ours (e.g. mixed dtypes on CPU).
+            raise InvalidInput(
+                f"{self.kind} layer {self.name!r} ({self.config.args['dtype']}) rejected input "
+                f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}: {e}"
+            ) from None
+
+    def _publish(self, module: nn.Module, base: _Snapshot) -> StateVersion:
+        version = _state_version(module, base.version.version + 1)
+        self._snapshot = _Snapshot(module, version)
+        return version
+
+    def _check_input(self, x: torch.Tensor, train: bool) -> None:
+        shape = tuple(x.shape)
+        if x.dtype not in _FLOAT_TYPES:
+            raise InvalidInput(f"input dtype {x.dtype} is not a floating type; expected float32, float64, float16 or bfloat16")
+        if x.numel() == 0:
+            raise InvalidInput(f"input {shape} is empty")
+        _check_shape(self.config, shape)
+        if train and not bool(torch.isfinite(x).all()):
+            raise InvalidInput("train batch contains NaN or Inf; running statistics would be poisoned")
+        if train and self.config.family == "batch_norm" and x.numel() // x.shape[1] <= 1:
+            raise InvalidInput(
+                f"BatchNorm in train mode needs more than 1 value per channel, got input {shape}"
+            )
+
+    # -- state changes ---------------------------------------------------------------
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> StateVersion:
+        """Replace the state, strictly like module.load_state_dict(strict=True)."""
+        with self._write_lock:
+            snap = self._snapshot
+            current = snap.module.state_dict()
+            missing = sorted(set(current) - set(state))
+            unexpected = sorted(set(state) - set(current))
+            if missing or unexpected:
+                raise InvalidInput(
+                    f"state keys do not match {self.kind}: missing {missing}, unexpected {unexpected}; "
+                    f"expected exactly {sorted(current)}"
+                )
+            work = copy.copy(snap.module)
+            params = {}
+            buffers = {}
+            for key, old in current.items():
+                new = state[key]
+                if tuple(new.shape) != tuple(old.shape):
+                    raise InvalidInput(f"state[{key!r}] has shape {tuple(new.shape)}, expected {tuple(old.shape)}")
+                if old.is_floating_point() != new.is_floating_point():
+                    raise InvalidInput(f"state[{key!r}] has dtype {new.dtype}, expected {old.dtype}")
+                if new.is_floating_point() and not bool(torch.isfinite(new).all()):
+                    raise InvalidInput(f"state[{key!r}] contains NaN or Inf")
+                if key == "num_batches_tracked" and int(new) < 0:
+                    raise InvalidInput(f"state['num_batches_tracked'] must be >= 0, got {int(new)}")
+                value = new.to(dtype=old.dtype, copy=True)
+                if key in snap.module._parameters:
+                    params[key] = nn.Parameter(value, requires_grad=False)
+                else:
+                    buffers[key] = value
+            object.__setattr__(work, "_parameters", {**snap.module._parameters, **params})
+            object.__setattr__(work, "_buffers", {**snap.module._buffers, **buffers})
+            return self._publish(work, snap)
+
+    def reset_running_stats(self) -> StateVersion:
+        if not self.has_running_stats:
+            raise NoRunningStats(f"layer {self.name!r} ({self.kind}) keeps no running statistics")
+        with self._write_lock:
+            snap = self._snapshot
+            work = _writable_copy(snap.module)
+            work.reset_running_stats()
+            return self._publish(work, snap)
+
+
+def _check_shape(config: LayerConfig, shape: tuple[int, ...]) -> None:
+    """Reject ranks and sizes torch would reject, with a message naming what's expected."""
+    kind, args, fam = config.kind, config.args, config.family
+    rank = len(shape)
+    if fam in ("batch_norm", "instance_norm"):
+        d = spatial_dims(kind)
+        ranks = (d + 1, d + 2) if (fam == "instance_norm" or d == 1) else (d + 2,)
+        if rank not in ranks:
+            layout = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[d]
+            if fam == "instance_norm":
+                layout = {1: "(C, L) or (N, C, L)", 2: "(C, H, W) or (N, C, H, W)", 3: "(C, D, H, W) or (N, C, D, H, W)"}[d]
+            raise InvalidInput(f"{kind} expects input of rank {' or '.join(map(str, ranks))} {layout}, got {shape}")
+        channel_dim = 1 if fam == "batch_norm" else rank - d - 1
+        strict = fam == "batch_norm" or args["affine"] or args["track_running_stats"]
+        if strict and shape[channel_dim] != args["num_features"]:
+            raise InvalidInput(
+                f"{kind} expects {args['num_features']} channels at dim {channel_dim}, got input {shape}"
+            )
+    elif fam == "group_norm":
+        if rank < 2 or shape[1] != args["num_channels"]:
+            raise InvalidInput(f"GroupNorm expects input (N, {args['num_channels']}, *), got {shape}")
+    else:
+        norm = tuple(args["normalized_shape"])
+        if shape[rank - len(norm):] != norm or rank < len(norm):
+            raise InvalidInput(f"{kind} expects input whose trailing dims are {norm}, got {shape}")

@@ -1,0 +1,107 @@
+"""Prometheus metrics, on their own registry and HTTP port.
+
+Names carry the `normserve_` prefix and base units. Request latency is a histogram by
+method, mode and status code; stream messages are measured one by one (method
+"NormalizeStream"). Per-layer series are capped at `max_labelled_layers` (first layers by
+name) so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import start_http_server
+
+from .engine import KINDS, Registry
+
+# ~50 us to 10 s.
+LATENCY_BUCKETS = (
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class _LayerCollector:
+    """Layer gauges computed at scrape time from the registry (never stale)."""
+
+    def __init__(self, layers: Registry, max_labelled_layers: int):
+        self._layers = layers
+        self._cap = max_labelled_layers
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        layers = self._layers.list()
+        by_kind = GaugeMetricFamily("normserve_layers", "Layers by kind", labels=["kind"])
+        counts = {k: 0 for k in KINDS}
+        for layer in layers:
+            counts[layer.kind] += 1
+        for kind, n in counts.items():
+            by_kind.add_metric([kind], n)
+        yield by_kind
+        tracked = GaugeMetricFamily(
+            "normserve_layer_batches_tracked",
+            f"num_batches_tracked per layer (first {self._cap} layers by name)",
+            labels=["layer", "kind"],
+        )
+        version = GaugeMetricFamily(
+            "normserve_layer_state_version",
+            f"State version per layer (first {self._cap} layers by name)",
+            labels=["layer", "kind"],
+        )
+        for layer in layers[: self._cap]:
+            v = layer.version
+            tracked.add_metric([layer.name, layer.kind], v.num_batches_tracked)
+            version.add_metric([layer.name, layer.kind], v.version)
+        yield tracked
+        yield version
+
+
+class Metrics:
+    def __init__(self, layers: Registry, max_labelled_layers: int = 100):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_duration = Histogram(
+            "normserve_request_duration_seconds",
+            "Request latency (stream messages counted one by one)",
+            ["method", "mode", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "normserve_requests", "Requests (stream messages one by one)", ["method", "mode", "code"], registry=r
+        )
+        self.compute_duration = Histogram(
+            "normserve_compute_duration_seconds",
+            "Time spent in the layer computation",
+            ["kind", "mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("normserve_in_flight_requests", "Requests being handled", ["method"], registry=r)
+        self.tensor_bytes = Counter(
+            "normserve_tensor_bytes", "Tensor payload bytes", ["direction"], registry=r
+        )
+        self.stream_messages = Counter(
+            "normserve_stream_messages", "Stream messages", ["direction"], registry=r
+        )
+        self.open_streams = Gauge("normserve_open_streams", "Open NormalizeStream calls", registry=r)
+        r.register(_LayerCollector(layers, max_labelled_layers))
+        self._http: Optional[object] = None
+
+    def observe_request(self, method: str, mode: str, code: str, seconds: float) -> None:
+        self.request_duration.labels(method, mode, code).observe(seconds)
+        self.requests.labels(method, mode, code).inc()
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server in a daemon thread; returns the bound port."""
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = (httpd, thread)
+        return httpd.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            httpd, thread = self._http
+            threading.Thread(target=httpd.shutdown, daemon=True).start()
+            httpd.server_close()
+            self._http = None

@@ -1,0 +1,81 @@
+"""Server settings: defaults, overridden by NORMSERVE_* environment variables, overridden
+by command-line flags. Passed to the server explicitly; nothing reads them globally."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+# Big enough for a (32, 3, 224, 224) float32 batch (~19 MB) with room to spare.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_tensor_elements: int = 1 << 25
+    max_layers: int = 10_000
+    max_workers: int = 32
+    grace_seconds: float = 10.0
+    torch_threads: int = 1
+    metrics_max_labelled_layers: int = 100
+    log_level: str = "INFO"
+
+    HELP = {
+        "host": "address to listen on for gRPC (use 0.0.0.0 or :: to listen on all interfaces)",
+        "port": "gRPC port; 0 picks a free port (the bound port is logged)",
+        "metrics_host": "address of the Prometheus /metrics HTTP server",
+        "metrics_port": "Prometheus /metrics port; 0 picks a free port, -1 disables",
+        "max_message_bytes": "largest gRPC message accepted or sent",
+        "max_tensor_elements": "largest tensor (elements) accepted",
+        "max_layers": "most layers the server keeps",
+        "max_workers": "gRPC worker threads (each open stream holds one)",
+        "grace_seconds": "on SIGTERM/SIGINT, time in-flight requests get to finish",
+        "torch_threads": "torch intra-op threads (0 keeps torch's default)",
+        "metrics_max_labelled_layers": "cap on layers that get per-layer metric series",
+        "log_level": "DEBUG, INFO, WARNING or ERROR",
+    }
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return "NORMSERVE_" + field.upper()
+
+    @classmethod
+    def load(cls, overrides: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        """Defaults < environment < overrides (None values in overrides are ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(cls.env_name(f.name))
+            if raw is not None:
+                try:
+                    values[f.name] = type(f.default)(raw)
+                except ValueError:
+                    raise ValueError(f"{cls.env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}") from None
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        for name in ("port", "metrics_port"):
+            if not -1 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535] (or -1 to disable metrics)")
+        if self.port < 0:
+            raise ValueError("port must be in [0, 65535]")
+        for name in ("max_message_bytes", "max_tensor_elements", "max_layers", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.grace_seconds < 0 or self.torch_threads < 0:
+            raise ValueError("grace_seconds and torch_threads must be >= 0")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)

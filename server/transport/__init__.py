@@ -1,0 +1,1 @@
+"""gRPC transport: servicers that decode -> call the engine -> encode, and error mapping."""

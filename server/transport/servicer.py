@@ -1,0 +1,155 @@
+"""NormService servicer: decode -> call the engine -> encode. Errors map in one place
+(transport.errors); every request and every stream message is measured."""
+
+from __future__ import annotations
+
+import functools
+from time import perf_counter
+from typing import Any, Callable, Iterator, Optional
+
+import grpc
+
+from normserve.client import codec
+from normserve.client._proto import normserve_pb2 as pb
+from normserve.client._proto import normserve_pb2_grpc as pb_grpc
+
+from ..engine import InvalidInput, Registry
+from ..metrics import Metrics
+from . import convert
+from .errors import status_for
+
+_MODES = {pb.MODE_UNSPECIFIED: "eval", pb.MODE_EVAL: "eval", pb.MODE_TRAIN: "train"}
+
+
+def _mode(request: pb.NormalizeRequest) -> str:
+    try:
+        return _MODES[request.mode]
+    except KeyError:
+        raise InvalidInput(f"unknown mode {request.mode}; expected MODE_TRAIN or MODE_EVAL") from None
+
+
+def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Time a unary RPC, count it by status code, and turn exceptions into statuses."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: "NormServicer", request: Any, context: grpc.ServicerContext) -> Any:
+        mode = _MODES.get(request.mode, "invalid") if name == "Normalize" else "none"
+        in_flight = self._metrics.in_flight.labels(name)
+        in_flight.inc()
+        start = perf_counter()
+        code = "OK"
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            status, message = status_for(exc, name)
+            code = status.name
+            context.abort(status, message)
+        finally:
+            in_flight.dec()
+            self._metrics.observe_request(name, mode, code, perf_counter() - start)
+
+    return wrapper
+
+
+class NormServicer(pb_grpc.NormServiceServicer):
+    def __init__(self, layers: Registry, metrics: Metrics, max_tensor_elements: int):
+        self._layers = layers
+        self._metrics = metrics
+        self._max_elements = max_tensor_elements
+
+    # -- layer management --------------------------------------------------------------
+    @_measured
+    def CreateLayer(self, request: pb.CreateLayerRequest, context: grpc.ServicerContext) -> pb.CreateLayerResponse:
+        config = convert.config_from_spec(request.spec)
+        state = convert.decode_state(request.state, self._max_elements)
+        layer = self._layers.create(request.name, config, state)
+        return pb.CreateLayerResponse(layer=convert.layer_info(layer))
+
+    @_measured
+    def GetLayer(self, request: pb.GetLayerRequest, context: grpc.ServicerContext) -> pb.GetLayerResponse:
+        return pb.GetLayerResponse(layer=convert.layer_info(self._layers.get(request.name)))
+
+    @_measured
+    def ListLayers(self, request: pb.ListLayersRequest, context: grpc.ServicerContext) -> pb.ListLayersResponse:
+        layers = self._layers.list(request.prefix)
+        return pb.ListLayersResponse(layers=[convert.layer_info(layer) for layer in layers])
+
+    @_measured
+    def DeleteLayer(self, request: pb.DeleteLayerRequest, context: grpc.ServicerContext) -> pb.DeleteLayerResponse:
+        self._layers.delete(request.name)
+        return pb.DeleteLayerResponse()
+
+    # -- state -------------------------------------------------------------------------
+    @_measured
+    def ResetRunningStats(
+        self, request: pb.ResetRunningStatsRequest, context: grpc.ServicerContext
+    ) -> pb.ResetRunningStatsResponse:
+        version = self._layers.get(request.name).reset_running_stats()
+        return pb.ResetRunningStatsResponse(state=convert.state_version(version))
+
+    @_measured
+    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
+        state, version = self._layers.get(request.name).state_dict()
+        return pb.GetStateResponse(
+            state={key: codec.from_torch(t) for key, t in state.items()},
+            version=convert.state_version(version),
+        )
+
+    @_measured
+    def LoadState(self, request: pb.LoadStateRequest, context: grpc.ServicerContext) -> pb.LoadStateResponse:
+        layer = self._layers.get(request.name)
+        version = layer.load_state(convert.decode_state(request.state, self._max_elements))
+        return pb.LoadStateResponse(state=convert.state_version(version))
+
+    # -- normalization -----------------------------------------------------------------
+    def _normalize(
+        self, request: pb.NormalizeRequest, still_wanted: Optional[Callable[[], bool]]
+    ) -> pb.NormalizeResponse:
+        mode = _mode(request)
+        layer = self._layers.get(request.layer)
+        x = codec.to_torch(request.input, self._max_elements)
+        start = perf_counter()
+        out, version = layer.forward(x, mode == "train", still_wanted)
+        self._metrics.compute_duration.labels(layer.kind, mode).observe(perf_counter() - start)
+        response = pb.NormalizeResponse(
+            output=codec.from_torch(out), state=convert.state_version(version), request_id=request.request_id
+        )
+        self._metrics.tensor_bytes.labels("in").inc(len(request.input.data))
+        self._metrics.tensor_bytes.labels("out").inc(len(response.output.data))
+        return response
+
+    @_measured
+    def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:
+        return self._normalize(request, context.is_active)
+
+    def NormalizeStream(
+        self, request_iterator: Iterator[pb.NormalizeRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.NormalizeStreamResponse]:
+        """One response per request, in order; a bad message gets an Error and the stream
+        goes on."""
+        metrics = self._metrics
+        in_flight = metrics.in_flight.labels("NormalizeStream")
+        metrics.open_streams.inc()
+        try:
+            for sequence, request in enumerate(request_iterator):
+                metrics.stream_messages.labels("received").inc()
+                mode = _MODES.get(request.mode, "invalid")
+                in_flight.inc()
+                start = perf_counter()
+                try:
+                    result = self._normalize(request, context.is_active)
+                    response = pb.NormalizeStreamResponse(sequence=sequence, response=result)
+                    code = "OK"
+                except Exception as exc:
+                    status, message = status_for(exc, "NormalizeStream")
+                    error = pb.Error(code=status.value[0], message=message)
+                    response = pb.NormalizeStreamResponse(sequence=sequence, error=error)
+                    code = status.name
+                finally:
+                    in_flight.dec()
+                metrics.observe_request("NormalizeStream", mode, code, perf_counter() - start)
+                yield response
+                metrics.stream_messages.labels("sent").inc()
+        finally:
+            metrics.open_streams.dec()
