@@ -37,11 +37,16 @@ def _encode(x: Any) -> pb.Tensor:
         raise InvalidArgumentError(str(e)) from None
 
 
-def _decode(t: pb.Tensor, like: Any) -> Any:
-    """A writable array/tensor of the caller's kind (numpy, or torch on `like`'s device)."""
+def _torch_device(x: Any) -> Any:
+    """The device to return results on for input `x`; None means "return numpy"."""
+    return x.device if codec.is_torch(x) else None
+
+
+def _decode(t: pb.Tensor, torch_device: Any = None) -> Any:
+    """A writable numpy array, or a torch tensor on `torch_device` when one is given."""
     try:
-        if codec.is_torch(like):
-            return codec.to_torch(t).clone().to(like.device)
+        if torch_device is not None:
+            return codec.to_torch(t).clone().to(torch_device)
         return codec.to_numpy(t).copy()
     except codec.CodecError as e:
         raise InvalidArgumentError(str(e)) from None
@@ -182,8 +187,8 @@ class Client:
         """The layer's state_dict (same keys as the torch module's): numpy arrays, or torch
         tensors with `as_torch=True` (needed for bfloat16 layers)."""
         response = self._call(self._stub.GetState, pb.GetStateRequest(name=name), timeout, metadata)
-        like = codec.to_torch(pb.Tensor(dtype=pb.DTYPE_FLOAT32)) if as_torch else None
-        return {key: _decode(t, like) for key, t in response.state.items()}
+        device = "cpu" if as_torch else None
+        return {key: _decode(t, device) for key, t in response.state.items()}
 
     def load_state(
         self,
@@ -230,7 +235,8 @@ class Client:
         """Like `normalize`, also returning the state version the request read or produced."""
         request = pb.NormalizeRequest(layer=layer, mode=_mode(mode), input=_encode(x), request_id=request_id)
         response = self._call(self._stub.Normalize, request, timeout, metadata)
-        return NormalizeResult(_decode(response.output, x), _state_version(response.state), response.request_id)
+        output = _decode(response.output, _torch_device(x))
+        return NormalizeResult(output, _state_version(response.state), response.request_id)
 
     def normalize_stream(
         self,
@@ -261,7 +267,7 @@ class Client:
     ) -> Iterator[NormalizeResult[Any]]:
         """Like `normalize_stream`, yielding NormalizeResult (output + state version)."""
         mode_value = _mode(mode)
-        sent: collections.deque[Any] = collections.deque()
+        devices: collections.deque[Any] = collections.deque()  # one per request sent
         local_error: list[BaseException] = []
 
         def requests() -> Iterator[pb.NormalizeRequest]:
@@ -270,7 +276,7 @@ class Client:
             try:
                 for x in batches:
                     tensor = _encode(x)
-                    sent.append(x)
+                    devices.append(_torch_device(x))
                     yield pb.NormalizeRequest(layer=layer, mode=mode_value, input=tensor)
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 local_error.append(e)
@@ -282,13 +288,13 @@ class Client:
         )
         try:
             for response in call:
-                x = sent.popleft()
+                device = devices.popleft()
                 if response.HasField("error"):
                     err = from_status_value(response.error.code, response.error.message)
                     err.sequence = response.sequence  # type: ignore[attr-defined]
                     raise err
                 result = response.response
-                yield NormalizeResult(_decode(result.output, x), _state_version(result.state), result.request_id)
+                yield NormalizeResult(_decode(result.output, device), _state_version(result.state), result.request_id)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:

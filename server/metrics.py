@@ -8,7 +8,6 @@ name) so cardinality stays bounded.
 
 from __future__ import annotations
 
-import threading
 from typing import Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -101,7 +100,7 @@ class Metrics:
 
     def stop_http(self) -> None:
         if self._http is not None:
-            httpd, thread = self._http
-            threading.Thread(target=httpd.shutdown, daemon=True).start()
+            httpd, _thread = self._http
+            httpd.shutdown()
             httpd.server_close()
             self._http = None
