@@ -250,8 +250,9 @@ class Client:
         """Stream batches through one bidirectional call; yields outputs in order.
 
         Requests are sent as fast as `batches` yields them (several in flight). A batch the
-        server rejects raises its error at that position and ends the iteration; batches
-        before it were applied, batches after it were not sent or not applied in order.
+        server rejects raises its error (with `.sequence`, its 0-based position) and ends
+        the iteration. Batches before it were applied; batches after it that were already
+        in flight may have been applied too (in order) before the stream was cancelled.
         """
         for result in self.normalize_stream_results(layer, batches, mode, timeout=timeout, metadata=metadata):
             yield result.output

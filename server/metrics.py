@@ -22,6 +22,14 @@ LATENCY_BUCKETS = (
 )
 
 
+# Per layer, never per channel: cardinality stays bounded by the layer cap.
+_DRIFT_STATS = {
+    "running_mean_avg": "mean over channels of the running mean",
+    "running_mean_l2": "L2 norm of the running mean",
+    "running_var_avg": "mean over channels of the running variance",
+}
+
+
 class _LayerCollector:
     """Layer gauges computed at scrape time from the registry (never stale)."""
 
@@ -48,12 +56,29 @@ class _LayerCollector:
             f"State version per layer (first {self._cap} layers by name)",
             labels=["layer", "kind"],
         )
+        drift = {
+            stat: GaugeMetricFamily(
+                f"normserve_layer_{stat}",
+                f"Drift summary: {help_text} (first {self._cap} layers by name)",
+                labels=["layer", "kind"],
+            )
+            for stat, help_text in _DRIFT_STATS.items()
+        }
         for layer in layers[: self._cap]:
+            labels = [layer.name, layer.kind]
             v = layer.version
-            tracked.add_metric([layer.name, layer.kind], v.num_batches_tracked)
-            version.add_metric([layer.name, layer.kind], v.version)
+            tracked.add_metric(labels, v.num_batches_tracked)
+            version.add_metric(labels, v.version)
+            if layer.has_running_stats:
+                state, _ = layer.state_dict()
+                mean = state["running_mean"].double()
+                var = state["running_var"].double()
+                drift["running_mean_avg"].add_metric(labels, float(mean.mean()))
+                drift["running_mean_l2"].add_metric(labels, float(mean.norm()))
+                drift["running_var_avg"].add_metric(labels, float(var.mean()))
         yield tracked
         yield version
+        yield from drift.values()
 
 
 class Metrics:

@@ -4,6 +4,7 @@ by command-line flags. Passed to the server explicitly; nothing reads them globa
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
@@ -72,8 +73,11 @@ class Settings:
         for name in ("max_message_bytes", "max_tensor_elements", "max_layers", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        if self.grace_seconds < 0 or self.torch_threads < 0:
-            raise ValueError("grace_seconds and torch_threads must be >= 0")
+        if not math.isfinite(self.grace_seconds) or self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be a finite number >= 0, got {self.grace_seconds}")
+        for name in ("torch_threads", "metrics_max_labelled_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

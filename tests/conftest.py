@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 
 import pytest
@@ -33,4 +34,4 @@ def client(server):
 @pytest.fixture
 def name(request):
     """A layer name unique within the session (tests share one server)."""
-    return f"t{next(_names)}-{request.node.name[:60]}".replace("[", "-").replace("]", "").replace(" ", "")
+    return re.sub(r"[^A-Za-z0-9._:/-]", "-", f"t{next(_names)}-{request.node.name}")[:128]

@@ -168,11 +168,12 @@ class Layer:
                     raise InvalidInput(f"state[{key!r}] has shape {tuple(new.shape)}, expected {tuple(old.shape)}")
                 if old.is_floating_point() != new.is_floating_point():
                     raise InvalidInput(f"state[{key!r}] has dtype {new.dtype}, expected {old.dtype}")
-                if new.is_floating_point() and not bool(torch.isfinite(new).all()):
-                    raise InvalidInput(f"state[{key!r}] contains NaN or Inf")
-                if key == "num_batches_tracked" and int(new) < 0:
-                    raise InvalidInput(f"state['num_batches_tracked'] must be >= 0, got {int(new)}")
                 value = new.to(dtype=old.dtype, copy=True)
+                # Checked after the cast: a finite float64 can overflow a float16 layer.
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise InvalidInput(f"state[{key!r}] contains NaN or Inf (in the layer's dtype {old.dtype})")
+                if key == "num_batches_tracked" and int(value) < 0:
+                    raise InvalidInput(f"state['num_batches_tracked'] must be >= 0, got {int(value)}")
                 if key in snap.module._parameters:
                     params[key] = nn.Parameter(value, requires_grad=False)
                 else:

@@ -68,7 +68,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        from normserve.server.app import serve
         from normserve.server.settings import Settings
 
         overrides = {k: v for k, v in vars(args).items() if k != "command"}
@@ -76,6 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             settings = Settings.load(overrides)
         except ValueError as e:
             parser.error(str(e))
+        from normserve.server.app import serve  # torch and grpc load only for a valid config
+
         return serve(settings)
     if args.command == "health":
         return _health(args)
