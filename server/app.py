@@ -16,13 +16,14 @@ from grpc_reflection.v1alpha import reflection
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
-from .engine import Registry
+from .engine import DiskStore, Registry, StateDirInUse, StateStore
 from .metrics import Metrics
 from .settings import Settings
 from .transport.servicer import NormServicer
 
 log = logging.getLogger("normserve")
 
+MEMORY = ":memory:"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NormService"].full_name
 
 
@@ -35,7 +36,13 @@ class NormServer:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.layers = Registry(max_layers=settings.max_layers)
+        state_dir = settings.resolved_state_dir
+        self.store = (
+            StateStore()
+            if state_dir == MEMORY
+            else DiskStore(state_dir, settings.durability, settings.flush_interval_seconds, id_window=settings.idempotency_window)
+        )
+        self.layers = Registry(settings.max_layers, self.store, settings.idempotency_window)
         self.metrics = Metrics(self.layers, settings.metrics_max_labelled_layers)
         self.health = health.HealthServicer()
         self.port: Optional[int] = None
@@ -64,6 +71,9 @@ class NormServer:
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
+        restored = self.layers.recover()
+        where = "memory only" if s.resolved_state_dir == MEMORY else f"{s.resolved_state_dir}, durability={s.durability}"
+        log.info("state: %s; %d layer(s) restored", where, restored)
         self.port = self._server.add_insecure_port(host_port(s.host, s.port))
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {host_port(s.host, s.port)}")
@@ -86,6 +96,7 @@ class NormServer:
         log.info("shutting down (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self.store.close()  # everything acknowledged is on disk now
         self.metrics.stop_http()
         self._stopped.set()
         log.info("stopped")
@@ -99,8 +110,12 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    server = NormServer(settings)
-    server.start()
+    try:
+        server = NormServer(settings)
+        server.start()
+    except (StateDirInUse, OSError, RuntimeError) as e:
+        log.error("cannot start: %s", e)
+        return 1
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

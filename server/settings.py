@@ -27,6 +27,10 @@ class Settings:
     torch_threads: int = 1
     metrics_max_labelled_layers: int = 100
     log_level: str = "INFO"
+    state_dir: str = ""
+    durability: str = "always"
+    flush_interval_seconds: float = 1.0
+    idempotency_window: int = 1024
 
     HELP = {
         "host": "address to listen on for gRPC (use 0.0.0.0 or :: to listen on all interfaces)",
@@ -41,7 +45,21 @@ class Settings:
         "torch_threads": "torch intra-op threads (0 keeps torch's default)",
         "metrics_max_labelled_layers": "cap on layers that get per-layer metric series",
         "log_level": "DEBUG, INFO, WARNING or ERROR",
+        "state_dir": "where layer state is kept (empty: $XDG_DATA_HOME/normserve or "
+        "~/.local/share/normserve; ':memory:' keeps nothing)",
+        "durability": "always: a change is acknowledged once fsync'd (concurrent changes share "
+        "fsyncs); interval: fsync every flush interval; none: never fsync",
+        "flush_interval_seconds": "fsync period when durability is interval (the loss window on a crash)",
+        "idempotency_window": "train request ids remembered per layer (retries of these are not re-applied)",
     }
+
+    @property
+    def resolved_state_dir(self) -> str:
+        """The state directory, with the XDG default applied (':memory:' passes through)."""
+        if self.state_dir:
+            return self.state_dir
+        data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return os.path.join(data_home, "normserve")
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -78,6 +96,12 @@ class Settings:
         for name in ("torch_threads", "metrics_max_labelled_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.durability not in ("always", "interval", "none"):
+            raise ValueError(f"durability must be always, interval or none, got {self.durability!r}")
+        if not math.isfinite(self.flush_interval_seconds) or self.flush_interval_seconds <= 0:
+            raise ValueError(f"flush_interval_seconds must be a finite number > 0, got {self.flush_interval_seconds}")
+        if self.idempotency_window < 0:
+            raise ValueError("idempotency_window must be >= 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

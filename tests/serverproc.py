@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Optional, Sequence
@@ -17,7 +19,18 @@ _READY = re.compile(r"serving grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+)")
 class ServerProcess:
     """`python -m normserve serve` on port 0; the bound ports are read from its log."""
 
-    def __init__(self, *args: str, env: Optional[dict[str, str]] = None, startup_timeout: float = 60.0):
+    def __init__(
+        self,
+        *args: str,
+        env: Optional[dict[str, str]] = None,
+        state_dir: Optional[str] = None,
+        startup_timeout: float = 60.0,
+    ):
+        """`state_dir` None gives the server a fresh temporary one (removed at stop())."""
+        self._own_state_dir = state_dir is None and "--state-dir" not in args
+        self.state_dir = tempfile.mkdtemp(prefix="normserve-state-") if self._own_state_dir else state_dir
+        if self.state_dir is not None:
+            args = (*args, "--state-dir", self.state_dir)
         self.args: Sequence[str] = args
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout = startup_timeout
@@ -73,10 +86,13 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                return self.proc.wait(timeout)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        return self.proc.wait()
+        status = self.proc.wait()
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        return status
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

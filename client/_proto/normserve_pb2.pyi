@@ -224,10 +224,12 @@ class DeleteLayerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ResetRunningStatsRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "expected_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    expected_version: int
+    def __init__(self, name: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class ResetRunningStatsResponse(_message.Message):
     __slots__ = ("state",)
@@ -257,7 +259,7 @@ class GetStateResponse(_message.Message):
     def __init__(self, state: _Optional[_Mapping[str, Tensor]] = ..., version: _Optional[_Union[StateVersion, _Mapping]] = ...) -> None: ...
 
 class LoadStateRequest(_message.Message):
-    __slots__ = ("name", "state")
+    __slots__ = ("name", "state", "expected_version")
     class StateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -267,9 +269,11 @@ class LoadStateRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: _containers.MessageMap[str, Tensor]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    expected_version: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Mapping[str, Tensor]] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class LoadStateResponse(_message.Message):
     __slots__ = ("state",)
@@ -290,14 +294,16 @@ class NormalizeRequest(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class NormalizeResponse(_message.Message):
-    __slots__ = ("output", "state", "request_id")
+    __slots__ = ("output", "state", "request_id", "replayed")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     state: StateVersion
     request_id: str
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[StateVersion, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[StateVersion, _Mapping]] = ..., request_id: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

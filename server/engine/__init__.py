@@ -9,13 +9,22 @@ from .errors import (
     LimitExceeded,
     NoRunningStats,
     RequestAbandoned,
+    VersionConflict,
 )
-from .layer import Layer, StateVersion
+from .layer import ForwardResult, Layer, StateVersion
 from .registry import Registry
 from .specs import KINDS, LayerConfig, make_config
+from .store import DURABILITY_MODES, DiskStore, LayerRecord, StateDirInUse, StateStore
 
 __all__ = [
+    "DURABILITY_MODES",
     "KINDS",
+    "DiskStore",
+    "ForwardResult",
+    "LayerRecord",
+    "StateDirInUse",
+    "StateStore",
+    "VersionConflict",
     "EngineError",
     "InvalidInput",
     "InvalidSpec",

@@ -31,3 +31,7 @@ class NoRunningStats(EngineError):
 
 class RequestAbandoned(EngineError):
     """The caller went away (deadline, cancellation) before the update was committed."""
+
+
+class VersionConflict(EngineError):
+    """A compare-and-set found the layer at another version than the caller expected."""

@@ -15,13 +15,15 @@ import copy
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from .errors import InvalidInput, NoRunningStats, RequestAbandoned
+from .errors import InvalidInput, LayerNotFound, NoRunningStats, RequestAbandoned, VersionConflict
 from .specs import LayerConfig, build_module, spatial_dims
+from .store import LayerRecord, StateStore
 
 # torch only warns when an InstanceNorm without affine/running stats sees another channel
 # count; the result is still what torch computes, so the warning is noise here.
@@ -44,6 +46,12 @@ class _Snapshot:
     version: StateVersion
 
 
+class ForwardResult(NamedTuple):
+    output: torch.Tensor
+    state: StateVersion  # the state the request read (eval) or produced (train)
+    replayed: bool = False  # a repeated request id: nothing was applied this time
+
+
 def _state_version(module: nn.Module, version: int) -> StateVersion:
     nbt = getattr(module, "num_batches_tracked", None)
     return StateVersion(version, int(nbt) if nbt is not None else 0)
@@ -57,17 +65,36 @@ def _writable_copy(module: nn.Module) -> nn.Module:
 
 
 class Layer:
-    def __init__(self, name: str, config: LayerConfig, state: Optional[Mapping[str, torch.Tensor]] = None):
+    """A named layer. Every committed change is published in memory, then appended to the
+    state store under the write lock (so one layer's records are in version order), then
+    waited on for durability outside the lock (so concurrent updates share fsyncs)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: LayerConfig,
+        state: Optional[Mapping[str, torch.Tensor]] = None,
+        *,
+        store: Optional[StateStore] = None,
+        version: int = 0,
+        request_ids: Iterable[tuple[str, int, int]] = (),
+        idempotency_window: int = 1024,
+    ):
         self.name = name
         self.config = config
+        self.deleted = False
+        self._store = store if store is not None else StateStore()
         self._write_lock = threading.Lock()
+        self._window = idempotency_window
+        # Recent request id -> the state it produced. Changed only under the write lock,
+        # and before the snapshot it belongs to is published (see record()).
+        self._ids: OrderedDict[str, StateVersion] = OrderedDict(
+            (rid, StateVersion(v, n)) for rid, v, n in request_ids
+        )
         module = build_module(config)
-        self._snapshot = _Snapshot(module, _state_version(module, 0))
         if state:
-            self.load_state(state)
-            # The initial state is the layer's version 0, not a change to it.
-            module = self._snapshot.module
-            self._snapshot = _Snapshot(module, _state_version(module, 0))
+            module = self._loaded(module, state)
+        self._snapshot = _Snapshot(module, _state_version(module, version))
 
     # -- reading ---------------------------------------------------------------------
     @property
@@ -87,34 +114,63 @@ class Layer:
         snap = self._snapshot
         return dict(snap.module.state_dict()), snap.version
 
+    def record(self) -> LayerRecord:
+        """The layer's complete durable state, consistent without taking the write lock:
+        ids are recorded before their snapshot is published, so a copy taken after reading
+        the snapshot holds every id up to its version; later ones are filtered out."""
+        snap = self._snapshot
+        ids = self._ids.copy()  # one C-level copy: atomic with respect to other threads
+        v = snap.version.version
+        return self._make_record(
+            snap, tuple((rid, s.version, s.num_batches_tracked) for rid, s in ids.items() if s.version <= v), True
+        )
+
+    def _make_record(self, snap: _Snapshot, ids: tuple[tuple[str, int, int], ...], full_ids: bool) -> LayerRecord:
+        return LayerRecord(
+            name=self.name,
+            kind=self.kind,
+            args=dict(self.config.args),
+            version=snap.version.version,
+            state=dict(snap.module.state_dict()),
+            request_ids=ids,
+            full_ids=full_ids,
+        )
+
     # -- running batches -------------------------------------------------------------
     def forward(
         self,
         x: torch.Tensor,
         train: bool,
         still_wanted: Optional[Callable[[], bool]] = None,
-    ) -> tuple[torch.Tensor, StateVersion]:
-        """Run one batch in train or eval mode; returns the output and the state version it
-        read (eval) or produced (train).
+        request_id: str = "",
+    ) -> ForwardResult:
+        """Run one batch in train or eval mode.
 
         `still_wanted` is asked just before a train update is committed; when it returns
-        False the update is dropped and RequestAbandoned raised.
+        False the update is dropped and RequestAbandoned raised. A train `request_id` this
+        layer has already applied is answered with the state that application produced and
+        the same output (train outputs depend only on the batch), and nothing changes.
         """
         self._check_input(x, train)
         if not (train and self.has_running_stats):
             # Nothing to update: eval, or a kind whose train mode changes no state
             # (for those torch gives the same output in both modes).
             snap = self._snapshot
-            return self._run(snap.module, x), snap.version
+            return ForwardResult(self._run(snap.module, x), snap.version)
         with self._write_lock:
+            self._check_live()
             snap = self._snapshot
             work = _writable_copy(snap.module)
             work.training = True
             out = self._run(work, x)
             work.training = False
+            if request_id and request_id in self._ids:
+                return ForwardResult(out, self._ids[request_id], replayed=True)
             if still_wanted is not None and not still_wanted():
                 raise RequestAbandoned("request cancelled or past its deadline; state unchanged")
-            return out, self._publish(work, snap)
+            version, ticket = self._commit(snap, work, request_id)
+        self._store.wait_durable(ticket)
+        return ForwardResult(out, version)
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -127,10 +183,42 @@ class Layer:
                 f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}: {e}"
             ) from None
 
-    def _publish(self, module: nn.Module, base: _Snapshot) -> StateVersion:
-        version = _state_version(module, base.version.version + 1)
-        self._snapshot = _Snapshot(module, version)
-        return version
+    def _check_live(self) -> None:
+        if self.deleted:
+            raise LayerNotFound(f"layer {self.name!r} not found (deleted)")
+
+    def _check_expected(self, snap: _Snapshot, expected_version: Optional[int]) -> None:
+        if expected_version is not None and snap.version.version != expected_version:
+            raise VersionConflict(
+                f"layer {self.name!r} is at version {snap.version.version}, not the expected "
+                f"{expected_version}; re-read its state and retry"
+            )
+
+    def _commit(self, snap: _Snapshot, work: nn.Module, request_id: str = "") -> tuple[StateVersion, Any]:
+        """Publish `work` as the next state and append its record (caller holds the write
+        lock); returns the new version and the store's durability ticket."""
+        version = _state_version(work, snap.version.version + 1)
+        if request_id:
+            self._ids[request_id] = version
+            while len(self._ids) > self._window:
+                self._ids.popitem(last=False)
+        new = _Snapshot(work, version)
+        self._snapshot = new
+        try:
+            ids = ((request_id, version.version, version.num_batches_tracked),) if request_id else ()
+            ticket = self._store.append(self._make_record(new, ids, full_ids=False))
+        except BaseException:
+            self._snapshot = snap  # not logged, so not committed
+            self._ids.pop(request_id, None)
+            raise
+        return version, ticket
+
+    def mark_deleted(self) -> Any:
+        """Stop accepting changes and log the deletion; returns the durability ticket."""
+        with self._write_lock:
+            self._check_live()
+            self.deleted = True
+            return self._store.append(LayerRecord(name=self.name, deleted=True))
 
     def _check_input(self, x: torch.Tensor, train: bool) -> None:
         shape = tuple(x.shape)
@@ -147,49 +235,61 @@ class Layer:
             )
 
     # -- state changes ---------------------------------------------------------------
-    def load_state(self, state: Mapping[str, torch.Tensor]) -> StateVersion:
+    def load_state(self, state: Mapping[str, torch.Tensor], expected_version: Optional[int] = None) -> StateVersion:
         """Replace the state, strictly like module.load_state_dict(strict=True)."""
         with self._write_lock:
+            self._check_live()
             snap = self._snapshot
-            current = snap.module.state_dict()
-            missing = sorted(set(current) - set(state))
-            unexpected = sorted(set(state) - set(current))
-            if missing or unexpected:
-                raise InvalidInput(
-                    f"state keys do not match {self.kind}: missing {missing}, unexpected {unexpected}; "
-                    f"expected exactly {sorted(current)}"
-                )
-            work = copy.copy(snap.module)
-            params = {}
-            buffers = {}
-            for key, old in current.items():
-                new = state[key]
-                if tuple(new.shape) != tuple(old.shape):
-                    raise InvalidInput(f"state[{key!r}] has shape {tuple(new.shape)}, expected {tuple(old.shape)}")
-                if old.is_floating_point() != new.is_floating_point():
-                    raise InvalidInput(f"state[{key!r}] has dtype {new.dtype}, expected {old.dtype}")
-                value = new.to(dtype=old.dtype, copy=True)
-                # Checked after the cast: a finite float64 can overflow a float16 layer.
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise InvalidInput(f"state[{key!r}] contains NaN or Inf (in the layer's dtype {old.dtype})")
-                if key == "num_batches_tracked" and int(value) < 0:
-                    raise InvalidInput(f"state['num_batches_tracked'] must be >= 0, got {int(value)}")
-                if key in snap.module._parameters:
-                    params[key] = nn.Parameter(value, requires_grad=False)
-                else:
-                    buffers[key] = value
-            object.__setattr__(work, "_parameters", {**snap.module._parameters, **params})
-            object.__setattr__(work, "_buffers", {**snap.module._buffers, **buffers})
-            return self._publish(work, snap)
+            self._check_expected(snap, expected_version)
+            version, ticket = self._commit(snap, self._loaded(snap.module, state))
+        self._store.wait_durable(ticket)
+        return version
 
-    def reset_running_stats(self) -> StateVersion:
+    def _loaded(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A copy of `module` holding `state` (validated: keys, shapes, dtypes, finite)."""
+        current = module.state_dict()
+        missing = sorted(set(current) - set(state))
+        unexpected = sorted(set(state) - set(current))
+        if missing or unexpected:
+            raise InvalidInput(
+                f"state keys do not match {self.kind}: missing {missing}, unexpected {unexpected}; "
+                f"expected exactly {sorted(current)}"
+            )
+        params = {}
+        buffers = {}
+        for key, old in current.items():
+            new = state[key]
+            if tuple(new.shape) != tuple(old.shape):
+                raise InvalidInput(f"state[{key!r}] has shape {tuple(new.shape)}, expected {tuple(old.shape)}")
+            if old.is_floating_point() != new.is_floating_point():
+                raise InvalidInput(f"state[{key!r}] has dtype {new.dtype}, expected {old.dtype}")
+            value = new.to(dtype=old.dtype, copy=True)
+            # Checked after the cast: a finite float64 can overflow a float16 layer.
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise InvalidInput(f"state[{key!r}] contains NaN or Inf (in the layer's dtype {old.dtype})")
+            if key == "num_batches_tracked" and int(value) < 0:
+                raise InvalidInput(f"state['num_batches_tracked'] must be >= 0, got {int(value)}")
+            if key in module._parameters:
+                params[key] = nn.Parameter(value, requires_grad=False)
+            else:
+                buffers[key] = value
+        work = copy.copy(module)
+        object.__setattr__(work, "_parameters", {**module._parameters, **params})
+        object.__setattr__(work, "_buffers", {**module._buffers, **buffers})
+        return work
+
+    def reset_running_stats(self, expected_version: Optional[int] = None) -> StateVersion:
         if not self.has_running_stats:
             raise NoRunningStats(f"layer {self.name!r} ({self.kind}) keeps no running statistics")
         with self._write_lock:
+            self._check_live()
             snap = self._snapshot
+            self._check_expected(snap, expected_version)
             work = _writable_copy(snap.module)
             work.reset_running_stats()
-            return self._publish(work, snap)
+            version, ticket = self._commit(snap, work)
+        self._store.wait_durable(ticket)
+        return version
 
 
 def _check_shape(config: LayerConfig, shape: tuple[int, ...]) -> None:

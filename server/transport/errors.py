@@ -22,6 +22,9 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (e.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.NoRunningStats, grpc.StatusCode.FAILED_PRECONDITION),
     (e.RequestAbandoned, grpc.StatusCode.CANCELLED),
+    # A failed test-and-set: gRPC's guidance is ABORTED ("retry at a higher level":
+    # re-read the state, then try again), not FAILED_PRECONDITION.
+    (e.VersionConflict, grpc.StatusCode.ABORTED),
     (TensorElementsExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
 )

@@ -28,6 +28,11 @@ def _mode(request: pb.NormalizeRequest) -> str:
         raise InvalidInput(f"unknown mode {request.mode}; expected MODE_TRAIN or MODE_EVAL") from None
 
 
+def _expected(request: Any) -> Optional[int]:
+    """The compare-and-set version of a LoadState/ResetRunningStats request, if any."""
+    return request.expected_version if request.HasField("expected_version") else None
+
+
 def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
     """Time a unary RPC, count it by status code, and turn exceptions into statuses."""
     name = method.__name__
@@ -85,7 +90,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def ResetRunningStats(
         self, request: pb.ResetRunningStatsRequest, context: grpc.ServicerContext
     ) -> pb.ResetRunningStatsResponse:
-        version = self._layers.get(request.name).reset_running_stats()
+        layer = self._layers.get(request.name)
+        version = layer.reset_running_stats(_expected(request))
         return pb.ResetRunningStatsResponse(state=convert.state_version(version))
 
     @_measured
@@ -99,7 +105,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
     @_measured
     def LoadState(self, request: pb.LoadStateRequest, context: grpc.ServicerContext) -> pb.LoadStateResponse:
         layer = self._layers.get(request.name)
-        version = layer.load_state(convert.decode_state(request.state, self._max_elements))
+        version = layer.load_state(convert.decode_state(request.state, self._max_elements), _expected(request))
         return pb.LoadStateResponse(state=convert.state_version(version))
 
     # -- normalization -----------------------------------------------------------------
@@ -110,10 +116,13 @@ class NormServicer(pb_grpc.NormServiceServicer):
         layer = self._layers.get(request.layer)
         x = codec.to_torch(request.input, self._max_elements)
         start = perf_counter()
-        out, version = layer.forward(x, mode == "train", still_wanted)
+        result = layer.forward(x, mode == "train", still_wanted, request.request_id)
         self._metrics.compute_duration.labels(layer.kind, mode).observe(perf_counter() - start)
         response = pb.NormalizeResponse(
-            output=codec.from_torch(out), state=convert.state_version(version), request_id=request.request_id
+            output=codec.from_torch(result.output),
+            state=convert.state_version(result.state),
+            request_id=request.request_id,
+            replayed=result.replayed,
         )
         self._metrics.tensor_bytes.labels("in").inc(len(request.input.data))
         self._metrics.tensor_bytes.labels("out").inc(len(response.output.data))

@@ -16,7 +16,7 @@ from normserve.server.settings import Settings
 
 @pytest.fixture
 def server():
-    srv = NormServer(Settings(port=0, metrics_port=-1, torch_threads=0))
+    srv = NormServer(Settings(port=0, metrics_port=-1, torch_threads=0, state_dir=":memory:"))
     srv.start()
     yield srv
     srv.stop(grace=1)

@@ -613,8 +613,9 @@ ENTRY_POINTS = {
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_entry_points_start_a_server(entry):
+def test_entry_points_start_a_server(entry, tmp_path):
     cmd = ENTRY_POINTS[entry]() + ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    cmd += ["--state-dir", str(tmp_path)]
     if entry == "console-script":
         assert _console_script().exists(), f"console script missing: {_console_script()}"
     popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -29,6 +29,10 @@ VALID = {
     "torch_threads": ("0", 0),
     "metrics_max_labelled_layers": ("5", 5),
     "log_level": ("DEBUG", "DEBUG"),
+    "state_dir": (":memory:", ":memory:"),
+    "durability": ("interval", "interval"),
+    "flush_interval_seconds": ("0.25", 0.25),
+    "idempotency_window": ("16", 16),
 }
 
 W3_BATCH_BYTES = 32 * 3 * 224 * 224 * 4  # a (32, 3, 224, 224) float32 batch
