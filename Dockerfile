@@ -1,7 +1,8 @@
 # normserve server image: CPU torch, non-root user, gRPC health check.
 FROM python:3.11-slim
 
-RUN useradd --create-home --uid 10001 normserve
+RUN useradd --create-home --uid 10001 normserve \
+    && mkdir -p /var/lib/normserve && chown normserve /var/lib/normserve
 WORKDIR /app
 
 # torch first and pinned to the CPU build (the default wheel pulls CUDA libraries).
@@ -18,7 +19,9 @@ USER normserve
 ENV NORMSERVE_HOST=0.0.0.0 \
     NORMSERVE_PORT=50051 \
     NORMSERVE_METRICS_HOST=0.0.0.0 \
-    NORMSERVE_METRICS_PORT=9464
+    NORMSERVE_METRICS_PORT=9464 \
+    NORMSERVE_STATE_DIR=/var/lib/normserve
+VOLUME /var/lib/normserve
 EXPOSE 50051 9464
 
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import collections
+import uuid
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 import numpy as np
 
 from . import codec
-from ._modules import module_spec
+from ._modules import infer_kwargs, load_state_dict, module_spec
 from ._proto import normserve_pb2 as pb
 from ._proto import normserve_pb2_grpc as pb_grpc
-from .errors import InvalidArgumentError, from_rpc_error, from_status_value
+from .errors import InvalidArgumentError, NotFoundError, from_rpc_error, from_status_value
 from .types import LayerInfo, NormalizeResult, StateVersion
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -64,6 +65,20 @@ def _layer_info(info: pb.LayerInfo) -> LayerInfo:
         args=args,
         state=_state_version(info.state),
         has_running_stats=info.has_running_stats,
+    )
+
+
+def _request_id(mode: int, given: str) -> str:
+    """Train requests always carry an idempotency id; eval requests need none."""
+    return given or (uuid.uuid4().hex if mode == pb.MODE_TRAIN else "")
+
+
+def _result(response: pb.NormalizeResponse, torch_device: Any) -> NormalizeResult[Any]:
+    return NormalizeResult(
+        output=_decode(response.output, torch_device),
+        state=_state_version(response.state),
+        request_id=response.request_id,
+        replayed=response.replayed,
     )
 
 
@@ -161,6 +176,45 @@ class Client:
         request = pb.CreateLayerRequest(name=name, spec=spec, state=_encode_state(state or {}))
         return _layer_info(self._call(self._stub.CreateLayer, request, timeout, metadata).layer)
 
+    def import_state(
+        self,
+        name: str,
+        source: Any,
+        *,
+        prefix: str = "",
+        kind: Optional[str] = None,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
+        **kwargs: Any,
+    ) -> LayerInfo:
+        """Create or update a layer from a PyTorch checkpoint (needs torch).
+
+        `source` is a `.pt` path (loaded with weights_only=True), a state_dict, or a module;
+        `prefix` picks one module's tensors out of a model's state_dict (e.g. "layer1.0.bn1").
+        An existing layer gets the state (strict LoadState); otherwise `kind` is required and
+        the layer is created with constructor kwargs inferred from the tensors (num_features,
+        affine, track_running_stats, normalized_shape, dtype, bias); `kwargs` add or override
+        them (e.g. eps, momentum, num_groups)."""
+        try:
+            state = load_state_dict(source, prefix)
+        except codec.CodecError as e:
+            raise InvalidArgumentError(str(e)) from None
+        try:
+            self.get_layer(name, timeout=timeout, metadata=metadata)
+        except NotFoundError as e:
+            if kind is None:
+                raise NotFoundError(f"{e.message}; pass kind= to create it from the checkpoint") from None
+        else:
+            self.load_state(name, state, timeout=timeout, metadata=metadata)
+            return self.get_layer(name, timeout=timeout, metadata=metadata)
+        try:
+            inferred = infer_kwargs(kind, state)  # type: ignore[arg-type]
+        except codec.CodecError as e:
+            raise InvalidArgumentError(str(e)) from None
+        return self.create_layer(
+            name, kind, state=state, timeout=timeout, metadata=metadata, **{**inferred, **kwargs}  # type: ignore[arg-type]
+        )
+
     def get_layer(self, name: str, *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None) -> LayerInfo:
         response = self._call(self._stub.GetLayer, pb.GetLayerRequest(name=name), timeout, metadata)
         return _layer_info(response.layer)
@@ -195,17 +249,27 @@ class Client:
         name: str,
         state: Mapping[str, Any],
         *,
+        expected_version: Optional[int] = None,
         timeout: Optional[float] = None,
         metadata: Optional[Metadata] = None,
     ) -> StateVersion:
-        """Replace the layer's state (strict: every key of its state_dict, matching shapes)."""
-        request = pb.LoadStateRequest(name=name, state=_encode_state(state))
+        """Replace the layer's state (strict: every key of its state_dict, matching shapes).
+
+        With `expected_version`, the load happens only if the layer is still at that
+        version; otherwise AbortedError is raised and nothing changes."""
+        request = pb.LoadStateRequest(name=name, state=_encode_state(state), expected_version=expected_version)
         return _state_version(self._call(self._stub.LoadState, request, timeout, metadata).state)
 
     def reset_running_stats(
-        self, name: str, *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None
+        self,
+        name: str,
+        *,
+        expected_version: Optional[int] = None,
+        timeout: Optional[float] = None,
+        metadata: Optional[Metadata] = None,
     ) -> StateVersion:
-        request = pb.ResetRunningStatsRequest(name=name)
+        """Reset running statistics (compare-and-set with `expected_version`, as in load_state)."""
+        request = pb.ResetRunningStatsRequest(name=name, expected_version=expected_version)
         return _state_version(self._call(self._stub.ResetRunningStats, request, timeout, metadata).state)
 
     # -- normalization -------------------------------------------------------------------
@@ -232,11 +296,16 @@ class Client:
         timeout: Optional[float] = None,
         metadata: Optional[Metadata] = None,
     ) -> NormalizeResult[Any]:
-        """Like `normalize`, also returning the state version the request read or produced."""
-        request = pb.NormalizeRequest(layer=layer, mode=_mode(mode), input=_encode(x), request_id=request_id)
+        """Like `normalize`, also returning the state version the request read or produced.
+
+        Train requests carry an idempotency id (a fresh UUID unless `request_id` is given):
+        sending the same id again, e.g. after a timeout, is not applied twice."""
+        mode_value = _mode(mode)
+        request = pb.NormalizeRequest(
+            layer=layer, mode=mode_value, input=_encode(x), request_id=_request_id(mode_value, request_id)
+        )
         response = self._call(self._stub.Normalize, request, timeout, metadata)
-        output = _decode(response.output, _torch_device(x))
-        return NormalizeResult(output, _state_version(response.state), response.request_id)
+        return _result(response, _torch_device(x))
 
     def normalize_stream(
         self,
@@ -278,7 +347,9 @@ class Client:
                 for x in batches:
                     tensor = _encode(x)
                     devices.append(_torch_device(x))
-                    yield pb.NormalizeRequest(layer=layer, mode=mode_value, input=tensor)
+                    yield pb.NormalizeRequest(
+                        layer=layer, mode=mode_value, input=tensor, request_id=_request_id(mode_value, "")
+                    )
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 local_error.append(e)
 
@@ -294,8 +365,7 @@ class Client:
                     err = from_status_value(response.error.code, response.error.message)
                     err.sequence = response.sequence  # type: ignore[attr-defined]
                     raise err
-                result = response.response
-                yield NormalizeResult(_decode(result.output, device), _state_version(result.state), result.request_id)
+                yield _result(response.response, device)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:

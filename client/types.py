@@ -35,3 +35,5 @@ class NormalizeResult(Generic[T]):
     output: T
     state: StateVersion
     request_id: str = ""
+    # True when the server had already applied this request id (a retry): nothing changed.
+    replayed: bool = False

@@ -70,3 +70,12 @@ def test_dashboard_queries_use_existing_metric_names():
     for expr in exprs:
         names = set(re.findall(r"normserve_\w+", expr))
         assert names and all(any(n.startswith(k) for k in known) for n in names), expr
+
+
+def test_state_dir_is_a_named_volume():
+    compose = _compose()
+    svc = compose["services"]["normserve"]
+    state_dir = svc["environment"]["NORMSERVE_STATE_DIR"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+    assert mounts.get(state_dir) in compose["volumes"]
+    assert f"NORMSERVE_STATE_DIR={state_dir}" in (ROOT / "Dockerfile").read_text()
