@@ -7,7 +7,6 @@ import uuid
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
-import numpy as np
 
 from . import codec
 from ._modules import infer_kwargs, load_state_dict, module_spec
@@ -322,6 +321,8 @@ class Client:
         server rejects raises its error (with `.sequence`, its 0-based position) and ends
         the iteration. Batches before it were applied; batches after it that were already
         in flight may have been applied too (in order) before the stream was cancelled.
+        `timeout` bounds the whole stream; the client's default per-call timeout does not
+        apply to streams.
         """
         for result in self.normalize_stream_results(layer, batches, mode, timeout=timeout, metadata=metadata):
             yield result.output
@@ -355,7 +356,7 @@ class Client:
 
         call = self._stub.NormalizeStream(
             requests(),
-            timeout=self.timeout if timeout is None else timeout,
+            timeout=timeout,  # not the client's per-call default: a stream may live long
             metadata=self.metadata + tuple(metadata or ()),
         )
         try:

@@ -55,10 +55,13 @@ class TensorElementsExceeded(CodecError):
     """A tensor is larger than the configured element limit."""
 
 
-def check(t: pb.Tensor, max_elements: Optional[int] = None) -> tuple[str, tuple[int, ...]]:
-    """Validate a Tensor message; returns (dtype name, shape)."""
+def check(t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes] = None) -> tuple[str, tuple[int, ...]]:
+    """Validate a Tensor message; returns (dtype name, shape). Pass `data` when the caller
+    already holds t.data: every access to a bytes field copies it."""
     name = DTYPE_NAMES.get(t.dtype)
     if name is None:
+        if t.dtype == pb.DTYPE_UNSPECIFIED and not t.shape and not t.data:
+            raise CodecError("a tensor is required (dtype, shape and data are all unset)")
         expected = ", ".join(pb.DType.Name(e) for e in DTYPE_NAMES)
         raise CodecError(f"unknown tensor dtype {t.dtype}; expected one of {expected}")
     shape = tuple(t.shape)
@@ -74,10 +77,9 @@ def check(t: pb.Tensor, max_elements: Optional[int] = None) -> tuple[str, tuple[
             f"tensor shape {list(shape)} has {count} elements, over the limit of {max_elements}"
         )
     expected_bytes = count * ITEMSIZE[name]
-    if len(t.data) != expected_bytes:
-        raise CodecError(
-            f"tensor data has {len(t.data)} bytes; shape {list(shape)} of {name} needs {expected_bytes}"
-        )
+    size = len(t.data if data is None else data)
+    if size != expected_bytes:
+        raise CodecError(f"tensor data has {size} bytes; shape {list(shape)} of {name} needs {expected_bytes}")
     return name, shape
 
 
@@ -90,18 +92,15 @@ def _torch() -> Any:
     return torch
 
 
-def torch_dtype(name: str) -> "torch.dtype":
-    return getattr(_torch(), name)
-
-
 def to_torch(t: pb.Tensor, max_elements: Optional[int] = None) -> "torch.Tensor":
     """Decode without copying: the tensor views the message's bytes (treat it as read-only)."""
     torch = _torch()
-    name, shape = check(t, max_elements)
+    data = t.data
+    name, shape = check(t, max_elements, data)
     dtype = getattr(torch, name)
-    if not t.data:
+    if not data:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(t.data, dtype=dtype).view(shape)
+    return torch.frombuffer(data, dtype=dtype).view(shape)
 
 
 def from_torch(x: "torch.Tensor") -> pb.Tensor:
@@ -121,10 +120,11 @@ def from_torch(x: "torch.Tensor") -> pb.Tensor:
 # -- numpy -------------------------------------------------------------------------------
 def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None) -> np.ndarray:
     """Decode without copying into a read-only array."""
-    name, shape = check(t, max_elements)
+    data = t.data
+    name, shape = check(t, max_elements, data)
     if name not in NUMPY_DTYPES:
         raise CodecError(f"{name} tensors have no numpy dtype; decode them with torch")
-    return np.frombuffer(t.data, dtype=NUMPY_DTYPES[name]).reshape(shape)
+    return np.frombuffer(data, dtype=NUMPY_DTYPES[name]).reshape(shape)
 
 
 def from_numpy(x: np.ndarray) -> pb.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Optional
 
@@ -42,7 +43,9 @@ class NormServer:
             if state_dir == MEMORY
             else DiskStore(state_dir, settings.durability, settings.flush_interval_seconds, id_window=settings.idempotency_window)
         )
-        self.layers = Registry(settings.max_layers, self.store, settings.idempotency_window)
+        self.layers = Registry(
+            settings.max_layers, self.store, settings.idempotency_window, settings.layer_state_limit
+        )
         self.metrics = Metrics(self.layers, settings.metrics_max_labelled_layers)
         self.health = health.HealthServicer()
         self.port: Optional[int] = None
@@ -59,7 +62,7 @@ class NormServer:
             ],
         )
         pb_grpc.add_NormServiceServicer_to_server(
-            NormServicer(self.layers, self.metrics, settings.max_tensor_elements), self._server
+            NormServicer(self.layers, self.metrics, settings.max_tensor_elements, settings.stream_limit), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -88,13 +91,16 @@ class NormServer:
         log.info("normserve serving grpc=%s metrics=%s", host_port(s.host, self.port), metrics_at)
 
     def stop(self, grace: Optional[float] = None) -> None:
-        """Graceful: health NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones
-        finish within the grace period."""
+        """Graceful: health NOT_SERVING (still serving for `drain_seconds`, so load balancers
+        can notice), then refuse new calls (UNAVAILABLE) and let in-flight ones finish within
+        the grace period; finally flush the state store."""
         if self._stopped.is_set():
             return
         grace = self.settings.grace_seconds if grace is None else grace
-        log.info("shutting down (grace %.1fs)", grace)
+        log.info("shutting down (drain %.1fs, grace %.1fs)", self.settings.drain_seconds, grace)
         self.health.enter_graceful_shutdown()
+        if self.settings.drain_seconds:
+            time.sleep(self.settings.drain_seconds)
         self._server.stop(grace).wait()
         self.store.close()  # everything acknowledged is on disk now
         self.metrics.stop_http()

@@ -13,6 +13,16 @@ from typing import Any, Mapping, Optional
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+# gRPC takes message sizes as C ints; thread counts beyond these only exhaust the host.
+_UPPER_BOUNDS = {
+    "max_message_bytes": 2**31 - 1,
+    "max_tensor_elements": 2**40,
+    "max_layers": 10**7,
+    "max_workers": 4096,
+    "max_layer_state_bytes": 2**30,
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -23,7 +33,10 @@ class Settings:
     max_tensor_elements: int = 1 << 25
     max_layers: int = 10_000
     max_workers: int = 32
+    max_streams: int = 0
+    max_layer_state_bytes: int = 32 * 1024 * 1024
     grace_seconds: float = 10.0
+    drain_seconds: float = 0.0
     torch_threads: int = 1
     metrics_max_labelled_layers: int = 100
     log_level: str = "INFO"
@@ -41,7 +54,13 @@ class Settings:
         "max_tensor_elements": "largest tensor (elements) accepted",
         "max_layers": "most layers the server keeps",
         "max_workers": "gRPC worker threads (each open stream holds one)",
+        "max_streams": "open NormalizeStream calls at once, more get RESOURCE_EXHAUSTED (0: half of "
+        "max_workers); below max_workers so unary calls always find a thread",
+        "max_layer_state_bytes": "largest state one layer may have (capped at half of max_message_bytes "
+        "so GetState/LoadState fit in a message)",
         "grace_seconds": "on SIGTERM/SIGINT, time in-flight requests get to finish",
+        "drain_seconds": "on SIGTERM/SIGINT, time health reports NOT_SERVING while still serving, "
+        "before new calls are refused (lets load balancers drain)",
         "torch_threads": "torch intra-op threads (0 keeps torch's default)",
         "metrics_max_labelled_layers": "cap on layers that get per-layer metric series",
         "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -52,6 +71,14 @@ class Settings:
         "flush_interval_seconds": "fsync period when durability is interval (the loss window on a crash)",
         "idempotency_window": "train request ids remembered per layer (retries of these are not re-applied)",
     }
+
+    @property
+    def stream_limit(self) -> int:
+        return self.max_streams or self.max_workers // 2
+
+    @property
+    def layer_state_limit(self) -> int:
+        return min(self.max_layer_state_bytes, self.max_message_bytes // 2)
 
     @property
     def resolved_state_dir(self) -> str:
@@ -88,14 +115,20 @@ class Settings:
                 raise ValueError(f"{name} must be in [0, 65535] (or -1 to disable metrics)")
         if self.port < 0:
             raise ValueError("port must be in [0, 65535]")
-        for name in ("max_message_bytes", "max_tensor_elements", "max_layers", "max_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
-        if not math.isfinite(self.grace_seconds) or self.grace_seconds < 0:
-            raise ValueError(f"grace_seconds must be a finite number >= 0, got {self.grace_seconds}")
+        for name, top in _UPPER_BOUNDS.items():
+            if not 1 <= getattr(self, name) <= top:
+                raise ValueError(f"{name} must be in [1, {top}], got {getattr(self, name)}")
+        if self.max_streams < 0 or (self.max_streams and self.max_streams >= self.max_workers):
+            raise ValueError(f"max_streams must be in [0, max_workers={self.max_workers}), got {self.max_streams}")
+        for name in ("grace_seconds", "drain_seconds"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         for name in ("torch_threads", "metrics_max_labelled_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.torch_threads > 256:
+            raise ValueError(f"torch_threads must be at most 256, got {self.torch_threads}")
         if self.durability not in ("always", "interval", "none"):
             raise ValueError(f"durability must be always, interval or none, got {self.durability!r}")
         if not math.isfinite(self.flush_interval_seconds) or self.flush_interval_seconds <= 0:

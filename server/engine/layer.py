@@ -29,6 +29,7 @@ from .store import LayerRecord, StateStore
 # count; the result is still what torch computes, so the warning is noise here.
 warnings.filterwarnings("ignore", message="input's size at dim=.* does not match num_features")
 
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", ())  # older torch: no such class
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -176,6 +177,8 @@ class Layer:
         try:
             with torch.no_grad():
                 return module(x)
+        except _OUT_OF_MEMORY:
+            raise  # not the caller's input: INTERNAL, logged
         except (RuntimeError, ValueError) as e:
             # Shape and dtype checks torch makes beyond ours (e.g. mixed dtypes on CPU).
             raise InvalidInput(

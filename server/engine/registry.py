@@ -11,7 +11,7 @@ import torch
 
 from .errors import InvalidSpec, LayerExists, LayerNotFound, LimitExceeded
 from .layer import Layer
-from .specs import LayerConfig, make_config
+from .specs import LayerConfig, make_config, state_bytes
 from .store import LayerRecord, StateStore
 
 log = logging.getLogger("normserve.registry")
@@ -33,8 +33,15 @@ class Registry:
     records are in order; `recover()` rebuilds the layers from the store at start-up.
     """
 
-    def __init__(self, max_layers: int = 10_000, store: Optional[StateStore] = None, idempotency_window: int = 1024):
+    def __init__(
+        self,
+        max_layers: int = 10_000,
+        store: Optional[StateStore] = None,
+        idempotency_window: int = 1024,
+        max_layer_state_bytes: int = 32 << 20,
+    ):
         self.max_layers = max_layers
+        self.max_layer_state_bytes = max_layer_state_bytes
         self.store = store if store is not None else StateStore()
         self.idempotency_window = idempotency_window
         self._layers: dict[str, Layer] = {}
@@ -77,6 +84,12 @@ class Registry:
     ) -> Layer:
         """Create a layer, optionally with an initial state_dict (all or nothing)."""
         check_name(name)
+        size = state_bytes(config)
+        if size > self.max_layer_state_bytes:
+            raise LimitExceeded(
+                f"{config.kind} state would take {size} bytes, over the limit "
+                f"max_layer_state_bytes={self.max_layer_state_bytes}"
+            )
         layer = self._layer(name, config, state)
         with self._lock:
             if name in self._layers:
@@ -107,6 +120,3 @@ class Registry:
             ticket = layer.mark_deleted()
             del self._layers[name]
         self.store.wait_durable(ticket)
-
-    def __len__(self) -> int:
-        return len(self._layers)

@@ -186,6 +186,18 @@ def _validate(kind: str, fam: str, args: dict[str, Any]) -> None:
         args["normalized_shape"] = tuple(shape)
 
 
+def state_bytes(config: LayerConfig) -> int:
+    """An upper bound on the bytes of a layer's state, computed without allocating it."""
+    args, fam = config.args, config.family
+    if fam in ("batch_norm", "instance_norm"):
+        n, tensors = args["num_features"], 4  # weight, bias, running_mean, running_var
+    elif fam == "group_norm":
+        n, tensors = args["num_channels"], 2
+    else:
+        n, tensors = math.prod(args["normalized_shape"]), 2
+    return n * tensors * config.dtype.itemsize + 8
+
+
 def build_module(config: LayerConfig) -> nn.Module:
     """A fresh torch module for `config`, in eval mode, with gradients off."""
     args = dict(config.args)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from time import perf_counter
 from typing import Any, Callable, Iterator, Optional
 
@@ -58,10 +59,14 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class NormServicer(pb_grpc.NormServiceServicer):
-    def __init__(self, layers: Registry, metrics: Metrics, max_tensor_elements: int):
+    def __init__(self, layers: Registry, metrics: Metrics, max_tensor_elements: int, max_streams: int):
         self._layers = layers
         self._metrics = metrics
         self._max_elements = max_tensor_elements
+        self._max_streams = max_streams
+        # Each open stream holds a worker thread: capping them below the pool size keeps
+        # threads free for unary calls (and health checks).
+        self._stream_slots = threading.BoundedSemaphore(max_streams)
 
     # -- layer management --------------------------------------------------------------
     @_measured
@@ -124,8 +129,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
             request_id=request.request_id,
             replayed=result.replayed,
         )
-        self._metrics.tensor_bytes.labels("in").inc(len(request.input.data))
-        self._metrics.tensor_bytes.labels("out").inc(len(response.output.data))
+        self._metrics.tensor_bytes.labels("in").inc(x.nbytes)  # not len(.data): that copies
+        self._metrics.tensor_bytes.labels("out").inc(result.output.nbytes)
         return response
 
     @_measured
@@ -138,6 +143,12 @@ class NormServicer(pb_grpc.NormServiceServicer):
         """One response per request, in order; a bad message gets an Error and the stream
         goes on."""
         metrics = self._metrics
+        if not self._stream_slots.acquire(blocking=False):
+            metrics.observe_request("NormalizeStream", "none", "RESOURCE_EXHAUSTED", 0.0)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many open streams: the limit is max_streams={self._max_streams}; retry later or use unary calls",
+            )
         in_flight = metrics.in_flight.labels("NormalizeStream")
         metrics.open_streams.inc()
         try:
@@ -162,3 +173,4 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 metrics.stream_messages.labels("sent").inc()
         finally:
             metrics.open_streams.dec()
+            self._stream_slots.release()

@@ -33,6 +33,9 @@ VALID = {
     "durability": ("interval", "interval"),
     "flush_interval_seconds": ("0.25", 0.25),
     "idempotency_window": ("16", 16),
+    "max_streams": ("2", 2),
+    "max_layer_state_bytes": ("4096", 4096),
+    "drain_seconds": ("0.5", 0.5),
 }
 
 W3_BATCH_BYTES = 32 * 3 * 224 * 224 * 4  # a (32, 3, 224, 224) float32 batch
