@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
+from . import logs
 from .engine import DiskStore, Registry, StateDirInUse, StateStore
 from .metrics import Metrics
 from .settings import Settings
@@ -113,9 +114,7 @@ class NormServer:
 
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit status."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         server = NormServer(settings)
         server.start()

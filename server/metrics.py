@@ -8,19 +8,22 @@ name) so cardinality stays bounded.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
-from .engine import KINDS, Registry
+from .engine import KINDS, ForwardResult, Registry
 
 # ~50 us to 10 s.
 LATENCY_BUCKETS = (
     5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+DRIFT_BUCKETS = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
 
 # Per layer, never per channel: cardinality stays bounded by the layer cap.
 _DRIFT_STATS = {
@@ -110,12 +113,55 @@ class Metrics:
             "normserve_stream_messages", "Stream messages", ["direction"], registry=r
         )
         self.open_streams = Gauge("normserve_open_streams", "Open NormalizeStream calls", registry=r)
+        self.queue_duration = Histogram(
+            "normserve_queue_duration_seconds",
+            "Time a request waited before its computation (train: for the layer's write lock)",
+            ["kind", "mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "normserve_batch_size",
+            "Samples per computed batch (the leading dimension)",
+            ["mode"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.train_drift = Histogram(
+            "normserve_train_drift",
+            "Distance of each train batch's mean from the running mean before the update, in running "
+            f"standard deviations averaged over channels (first {max_labelled_layers} layers by first use, "
+            "the rest as layer=\"_other\")",
+            ["layer"],
+            buckets=DRIFT_BUCKETS,
+            registry=r,
+        )
+        self._drift_layers: set[str] = set()
+        self._max_labelled_layers = max_labelled_layers
         r.register(_LayerCollector(layers, max_labelled_layers))
         self._http: Optional[object] = None
 
-    def observe_request(self, method: str, mode: str, code: str, seconds: float) -> None:
-        self.request_duration.labels(method, mode, code).observe(seconds)
+    def observe_request(self, method: str, mode: str, code: str, seconds: float, request_id: str = "") -> None:
+        # The request id rides along as an exemplar (OpenMetrics), so a slow bucket can be
+        # traced to a request and its log line.
+        exemplar = {"request_id": request_id} if request_id else None
+        self.request_duration.labels(method, mode, code).observe(seconds, exemplar)
         self.requests.labels(method, mode, code).inc()
+
+    def observe_compute(
+        self, layer: str, kind: str, mode: str, x: Any, result: ForwardResult, seconds: float
+    ) -> None:
+        """Everything measured about one computed batch."""
+        self.compute_duration.labels(kind, mode).observe(seconds)
+        if mode == "train":
+            self.queue_duration.labels(kind, mode).observe(result.queued_seconds)
+        self.batch_size.labels(mode).observe(x.shape[0] if x.dim() > 1 else 1)
+        self.tensor_bytes.labels("in").inc(x.nbytes)
+        self.tensor_bytes.labels("out").inc(result.output.nbytes)
+        if result.drift is not None:
+            if layer not in self._drift_layers and len(self._drift_layers) < self._max_labelled_layers:
+                self._drift_layers.add(layer)
+            self.train_drift.labels(layer if layer in self._drift_layers else "_other").observe(result.drift)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a daemon thread; returns the bound port."""

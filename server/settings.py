@@ -40,6 +40,7 @@ class Settings:
     torch_threads: int = 1
     metrics_max_labelled_layers: int = 100
     log_level: str = "INFO"
+    log_format: str = "text"
     state_dir: str = ""
     durability: str = "always"
     flush_interval_seconds: float = 1.0
@@ -63,7 +64,8 @@ class Settings:
         "before new calls are refused (lets load balancers drain)",
         "torch_threads": "torch intra-op threads (0 keeps torch's default)",
         "metrics_max_labelled_layers": "cap on layers that get per-layer metric series",
-        "log_level": "DEBUG, INFO, WARNING or ERROR",
+        "log_level": "DEBUG, INFO, WARNING or ERROR (DEBUG logs one line per request)",
+        "log_format": "text, or json for one JSON object per line",
         "state_dir": "where layer state is kept (empty: $XDG_DATA_HOME/normserve or "
         "~/.local/share/normserve; ':memory:' keeps nothing)",
         "durability": "always: a change is acknowledged once fsync'd (concurrent changes share "
@@ -135,6 +137,8 @@ class Settings:
             raise ValueError(f"flush_interval_seconds must be a finite number > 0, got {self.flush_interval_seconds}")
         if self.idempotency_window < 0:
             raise ValueError("idempotency_window must be >= 0")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from collections import OrderedDict
@@ -51,11 +52,28 @@ class ForwardResult(NamedTuple):
     output: torch.Tensor
     state: StateVersion  # the state the request read (eval) or produced (train)
     replayed: bool = False  # a repeated request id: nothing was applied this time
+    queued_seconds: float = 0.0  # time a train request waited for the layer's write lock
+    # Train requests: how far the batch's mean was from the running mean before the update,
+    # in running standard deviations, averaged over channels (None when not measurable).
+    drift: Optional[float] = None
 
 
 def _state_version(module: nn.Module, version: int) -> StateVersion:
     nbt = getattr(module, "num_batches_tracked", None)
     return StateVersion(version, int(nbt) if nbt is not None else 0)
+
+
+def _drift(before: nn.Module, after: nn.Module) -> Optional[float]:
+    """Distance of the batch mean from the running mean before the update, in running
+    standard deviations, averaged over channels. The batch mean is recovered from the
+    update itself (new = old + factor * (batch - old)), so this costs no pass over the data."""
+    momentum = before.momentum
+    factor = 1.0 / float(after.num_batches_tracked) if momentum is None else float(momentum)
+    if factor <= 0:
+        return None
+    old_mean, old_var = before.running_mean.double(), before.running_var.double()
+    step = (after.running_mean.double() - old_mean).abs() / factor
+    return float((step / (old_var + before.eps).sqrt()).mean())
 
 
 def _writable_copy(module: nn.Module) -> nn.Module:
@@ -158,7 +176,9 @@ class Layer:
             # (for those torch gives the same output in both modes).
             snap = self._snapshot
             return ForwardResult(self._run(snap.module, x), snap.version)
+        waited_from = time.perf_counter()
         with self._write_lock:
+            queued = time.perf_counter() - waited_from
             self._check_live()
             snap = self._snapshot
             work = _writable_copy(snap.module)
@@ -166,12 +186,12 @@ class Layer:
             out = self._run(work, x)
             work.training = False
             if request_id and request_id in self._ids:
-                return ForwardResult(out, self._ids[request_id], replayed=True)
+                return ForwardResult(out, self._ids[request_id], replayed=True, queued_seconds=queued)
             if still_wanted is not None and not still_wanted():
                 raise RequestAbandoned("request cancelled or past its deadline; state unchanged")
             version, ticket = self._commit(snap, work, request_id)
         self._store.wait_durable(ticket)
-        return ForwardResult(out, version)
+        return ForwardResult(out, version, queued_seconds=queued, drift=_drift(snap.module, work))
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from time import perf_counter
 from typing import Any, Callable, Iterator, Optional
@@ -18,6 +19,8 @@ from ..engine import InvalidInput, Registry
 from ..metrics import Metrics
 from . import convert
 from .errors import status_for
+
+log = logging.getLogger("normserve.requests")
 
 _MODES = {pb.MODE_UNSPECIFIED: "eval", pb.MODE_EVAL: "eval", pb.MODE_TRAIN: "train"}
 
@@ -40,7 +43,9 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: "NormServicer", request: Any, context: grpc.ServicerContext) -> Any:
-        mode = _MODES.get(request.mode, "invalid") if name == "Normalize" else "none"
+        normalize = name == "Normalize"
+        mode = _MODES.get(request.mode, "invalid") if normalize else "none"
+        request_id = request.request_id if normalize else ""
         in_flight = self._metrics.in_flight.labels(name)
         in_flight.inc()
         start = perf_counter()
@@ -53,9 +58,22 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(status, message)
         finally:
             in_flight.dec()
-            self._metrics.observe_request(name, mode, code, perf_counter() - start)
+            seconds = perf_counter() - start
+            self._metrics.observe_request(name, mode, code, seconds, request_id)
+            _log_request(name, mode, code, seconds, request_id, getattr(request, "layer", "") or getattr(request, "name", ""))
 
     return wrapper
+
+
+def _log_request(method: str, mode: str, code: str, seconds: float, request_id: str, layer: str) -> None:
+    """One line per request at DEBUG (fields as `extra`, so JSON logs carry them)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "%s layer=%s mode=%s code=%s %.3fms request_id=%s",
+            method, layer, mode, code, seconds * 1e3, request_id or "-",
+            extra={"method": method, "layer": layer, "mode": mode, "code": code,
+                   "duration_seconds": seconds, "request_id": request_id},
+        )
 
 
 class NormServicer(pb_grpc.NormServiceServicer):
@@ -122,16 +140,13 @@ class NormServicer(pb_grpc.NormServiceServicer):
         x = codec.to_torch(request.input, self._max_elements)
         start = perf_counter()
         result = layer.forward(x, mode == "train", still_wanted, request.request_id)
-        self._metrics.compute_duration.labels(layer.kind, mode).observe(perf_counter() - start)
-        response = pb.NormalizeResponse(
+        self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
+        return pb.NormalizeResponse(
             output=codec.from_torch(result.output),
             state=convert.state_version(result.state),
             request_id=request.request_id,
             replayed=result.replayed,
         )
-        self._metrics.tensor_bytes.labels("in").inc(x.nbytes)  # not len(.data): that copies
-        self._metrics.tensor_bytes.labels("out").inc(result.output.nbytes)
-        return response
 
     @_measured
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:
@@ -168,7 +183,9 @@ class NormServicer(pb_grpc.NormServiceServicer):
                     code = status.name
                 finally:
                     in_flight.dec()
-                metrics.observe_request("NormalizeStream", mode, code, perf_counter() - start)
+                seconds = perf_counter() - start
+                metrics.observe_request("NormalizeStream", mode, code, seconds, request.request_id)
+                _log_request("NormalizeStream", mode, code, seconds, request.request_id, request.layer)
                 yield response
                 metrics.stream_messages.labels("sent").inc()
         finally:

@@ -29,6 +29,7 @@ VALID = {
     "torch_threads": ("0", 0),
     "metrics_max_labelled_layers": ("5", 5),
     "log_level": ("DEBUG", "DEBUG"),
+    "log_format": ("json", "json"),
     "state_dir": (":memory:", ":memory:"),
     "durability": ("interval", "interval"),
     "flush_interval_seconds": ("0.25", 0.25),
