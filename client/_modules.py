@@ -43,11 +43,16 @@ def load_state_dict(source: Any, prefix: str = "") -> dict[str, Any]:
     checkpoint path, a state_dict, a checkpoint dict holding one under "state_dict", or a
     module. Files load with `torch.load(weights_only=True)`: no pickled code runs."""
     import os
+    import pickle
 
     import torch
 
     if isinstance(source, (str, os.PathLike)):
-        source = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CodecError(f"{os.fspath(source)}: refused by torch.load(weights_only=True): {reason}") from None
     if hasattr(source, "state_dict") and callable(source.state_dict):
         source = source.state_dict()
     if isinstance(source, dict) and isinstance(source.get("state_dict"), dict):
