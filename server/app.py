@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -21,6 +22,7 @@ from . import logs
 from .engine import DiskStore, Registry, StateDirInUse, StateStore
 from .metrics import Metrics
 from .settings import Settings
+from .transport.auth import Authorizer
 from .transport.servicer import NormServicer
 
 log = logging.getLogger("normserve")
@@ -61,10 +63,18 @@ class NormServer:
                 # Never share a port with another process (a stale server would steal calls).
                 ("grpc.so_reuseport", 0),
             ],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        pb_grpc.add_NormServiceServicer_to_server(
-            NormServicer(self.layers, self.metrics, settings.max_tensor_elements, settings.stream_limit), self._server
+        self.auth = Authorizer(settings.tokens_file)
+        servicer = NormServicer(
+            self.layers,
+            self.metrics,
+            self.auth,
+            settings.max_tensor_elements,
+            settings.stream_limit,
+            settings.stream_idle_seconds,
         )
+        pb_grpc.add_NormServiceServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -78,7 +88,12 @@ class NormServer:
         restored = self.layers.recover()
         where = "memory only" if s.resolved_state_dir == MEMORY else f"{s.resolved_state_dir}, durability={s.durability}"
         log.info("state: %s; %d layer(s) restored", where, restored)
-        self.port = self._server.add_insecure_port(host_port(s.host, s.port))
+        address = host_port(s.host, s.port)
+        credentials = _server_credentials(s)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {host_port(s.host, s.port)}")
         if s.metrics_port >= 0:
@@ -89,7 +104,16 @@ class NormServer:
         metrics_at = (
             f"http://{host_port(s.metrics_host, self.metrics_port)}/metrics" if self.metrics_port is not None else "off"
         )
-        log.info("normserve serving grpc=%s metrics=%s", host_port(s.host, self.port), metrics_at)
+        security = ("mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext") + (
+            ", bearer tokens" if self.auth.enabled else ", no authentication"
+        )
+        log.info("normserve serving grpc=%s metrics=%s (%s)", host_port(s.host, self.port), metrics_at, security)
+        if not _is_loopback(s.host) and not (s.tls_cert and self.auth.enabled):
+            log.warning(
+                "LISTENING ON %s WITHOUT %s: anyone who can reach this address can read and change every "
+                "layer. Set --tls-cert/--tls-key and --tokens-file.",
+                s.host, " OR ".join(w for w, on in (("TLS", s.tls_cert), ("TOKENS", self.auth.enabled)) if not on),
+            )
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Graceful: health NOT_SERVING (still serving for `drain_seconds`, so load balancers
@@ -112,13 +136,34 @@ class NormServer:
         self._stopped.wait()
 
 
+def _server_credentials(s: Settings) -> Optional[grpc.ServerCredentials]:
+    if not s.tls_cert:
+        return None
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    client_ca = read(s.tls_client_ca) if s.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(s.tls_key), read(s.tls_cert))], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT, then shut down gracefully; returns the exit status."""
     logs.configure(settings.log_level, settings.log_format)
     try:
         server = NormServer(settings)
         server.start()
-    except (StateDirInUse, OSError, RuntimeError) as e:
+    except (StateDirInUse, OSError, RuntimeError, ValueError) as e:
         log.error("cannot start: %s", e)
         return 1
     stop_requested = threading.Event()
@@ -129,6 +174,8 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP re-reads the tokens file; connections and calls are untouched.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: server.auth.reload())
     while not stop_requested.wait(0.5):
         pass
     server.stop()

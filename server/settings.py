@@ -20,6 +20,7 @@ _UPPER_BOUNDS = {
     "max_layers": 10**7,
     "max_workers": 4096,
     "max_layer_state_bytes": 2**30,
+    "max_concurrent_rpcs": 2**20,
 }
 
 
@@ -45,6 +46,12 @@ class Settings:
     durability: str = "always"
     flush_interval_seconds: float = 1.0
     idempotency_window: int = 1024
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tokens_file: str = ""
+    max_concurrent_rpcs: int = 256
+    stream_idle_seconds: float = 300.0
 
     HELP = {
         "host": "address to listen on for gRPC (use 0.0.0.0 or :: to listen on all interfaces)",
@@ -72,6 +79,13 @@ class Settings:
         "fsyncs); interval: fsync every flush interval; none: never fsync",
         "flush_interval_seconds": "fsync period when durability is interval (the loss window on a crash)",
         "idempotency_window": "train request ids remembered per layer (retries of these are not re-applied)",
+        "tls_cert": "PEM certificate chain: serve TLS (with tls_key)",
+        "tls_key": "PEM private key for tls_cert",
+        "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+        "tokens_file": "JSON file of bearer tokens (SHA-256 digests) and roles; enables authentication; "
+        "re-read on SIGHUP",
+        "max_concurrent_rpcs": "calls in progress at once, streams included (more get RESOURCE_EXHAUSTED)",
+        "stream_idle_seconds": "a stream that sends nothing for this long is cancelled (0: never)",
     }
 
     @property
@@ -137,6 +151,14 @@ class Settings:
             raise ValueError(f"flush_interval_seconds must be a finite number > 0, got {self.flush_interval_seconds}")
         if self.idempotency_window < 0:
             raise ValueError("idempotency_window must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.max_concurrent_rpcs <= self.stream_limit:
+            raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must exceed the stream limit ({self.stream_limit})")
+        if not math.isfinite(self.stream_idle_seconds) or self.stream_idle_seconds < 0:
+            raise ValueError(f"stream_idle_seconds must be a finite number >= 0, got {self.stream_idle_seconds}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

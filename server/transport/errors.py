@@ -10,6 +10,7 @@ import grpc
 from normserve.client.codec import CodecError, TensorElementsExceeded
 
 from ..engine import errors as e
+from .auth import PermissionDenied, Unauthenticated
 
 log = logging.getLogger("normserve.transport")
 
@@ -25,6 +26,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # A failed test-and-set: gRPC's guidance is ABORTED ("retry at a higher level":
     # re-read the state, then try again), not FAILED_PRECONDITION.
     (e.VersionConflict, grpc.StatusCode.ABORTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (TensorElementsExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
 )

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from time import perf_counter
+import time
+from time import monotonic, perf_counter
 from typing import Any, Callable, Iterator, Optional
 
 import grpc
@@ -18,6 +19,7 @@ from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 from ..engine import InvalidInput, Registry
 from ..metrics import Metrics
 from . import convert
+from .auth import Action, Authorizer, Principal, Unauthenticated
 from .errors import status_for
 
 log = logging.getLogger("normserve.requests")
@@ -76,9 +78,60 @@ def _log_request(method: str, mode: str, code: str, seconds: float, request_id: 
         )
 
 
+class _IdleStreams:
+    """Cancels streams that have been silent for `idle_seconds` (a silent stream holds a
+    worker thread and a stream slot)."""
+
+    def __init__(self, idle_seconds: float):
+        self.idle_seconds = idle_seconds
+        self._open: dict[int, tuple[grpc.ServicerContext, float]] = {}
+        self._lock = threading.Lock()
+        self._sweeper: Optional[threading.Thread] = None
+
+    def open(self, context: grpc.ServicerContext) -> int:
+        token = id(context)
+        with self._lock:
+            self._open[token] = (context, monotonic())
+            if self._sweeper is None and self.idle_seconds:
+                self._sweeper = threading.Thread(target=self._sweep, name="normserve-idle-streams", daemon=True)
+                self._sweeper.start()
+        return token
+
+    def touch(self, token: int) -> None:
+        with self._lock:
+            if token in self._open:
+                self._open[token] = (self._open[token][0], monotonic())
+
+    def close(self, token: int) -> None:
+        with self._lock:
+            self._open.pop(token, None)
+
+    def _sweep(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.idle_seconds / 4))
+            now = monotonic()
+            with self._lock:
+                idle = [(t, c) for t, (c, last) in self._open.items() if now - last > self.idle_seconds]
+                for token, _ in idle:
+                    del self._open[token]
+            for _, context in idle:
+                log.info("cancelling a stream idle for over %.0fs (stream_idle_seconds)", self.idle_seconds)
+                context.cancel()
+
+
 class NormServicer(pb_grpc.NormServiceServicer):
-    def __init__(self, layers: Registry, metrics: Metrics, max_tensor_elements: int, max_streams: int):
+    def __init__(
+        self,
+        layers: Registry,
+        metrics: Metrics,
+        auth: Authorizer,
+        max_tensor_elements: int,
+        max_streams: int,
+        stream_idle_seconds: float = 0.0,
+    ):
         self._layers = layers
+        self._auth = auth
+        self._idle_streams = _IdleStreams(stream_idle_seconds)
         self._metrics = metrics
         self._max_elements = max_tensor_elements
         self._max_streams = max_streams
@@ -86,9 +139,16 @@ class NormServicer(pb_grpc.NormServiceServicer):
         # threads free for unary calls (and health checks).
         self._stream_slots = threading.BoundedSemaphore(max_streams)
 
+    def _allow(self, context: grpc.ServicerContext, action: Action, layer: Optional[str] = None) -> Optional[Principal]:
+        """Authenticate the caller and check it may do `action` (on `layer`)."""
+        principal = self._auth.authenticate(context.invocation_metadata())
+        self._auth.check(principal, action, layer)
+        return principal
+
     # -- layer management --------------------------------------------------------------
     @_measured
     def CreateLayer(self, request: pb.CreateLayerRequest, context: grpc.ServicerContext) -> pb.CreateLayerResponse:
+        self._allow(context, Action.ADMIN, request.name)
         config = convert.config_from_spec(request.spec)
         state = convert.decode_state(request.state, self._max_elements)
         layer = self._layers.create(request.name, config, state)
@@ -96,15 +156,18 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     @_measured
     def GetLayer(self, request: pb.GetLayerRequest, context: grpc.ServicerContext) -> pb.GetLayerResponse:
+        self._allow(context, Action.READ, request.name)
         return pb.GetLayerResponse(layer=convert.layer_info(self._layers.get(request.name)))
 
     @_measured
     def ListLayers(self, request: pb.ListLayersRequest, context: grpc.ServicerContext) -> pb.ListLayersResponse:
-        layers = self._layers.list(request.prefix)
+        principal = self._allow(context, Action.READ)
+        layers = [l for l in self._layers.list(request.prefix) if principal is None or principal.may_see(l.name)]
         return pb.ListLayersResponse(layers=[convert.layer_info(layer) for layer in layers])
 
     @_measured
     def DeleteLayer(self, request: pb.DeleteLayerRequest, context: grpc.ServicerContext) -> pb.DeleteLayerResponse:
+        self._allow(context, Action.ADMIN, request.name)
         self._layers.delete(request.name)
         return pb.DeleteLayerResponse()
 
@@ -113,12 +176,14 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def ResetRunningStats(
         self, request: pb.ResetRunningStatsRequest, context: grpc.ServicerContext
     ) -> pb.ResetRunningStatsResponse:
+        self._allow(context, Action.ADMIN, request.name)
         layer = self._layers.get(request.name)
         version = layer.reset_running_stats(_expected(request))
         return pb.ResetRunningStatsResponse(state=convert.state_version(version))
 
     @_measured
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
+        self._allow(context, Action.READ, request.name)
         state, version = self._layers.get(request.name).state_dict()
         return pb.GetStateResponse(
             state={key: codec.from_torch(t) for key, t in state.items()},
@@ -127,15 +192,20 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     @_measured
     def LoadState(self, request: pb.LoadStateRequest, context: grpc.ServicerContext) -> pb.LoadStateResponse:
+        self._allow(context, Action.ADMIN, request.name)
         layer = self._layers.get(request.name)
         version = layer.load_state(convert.decode_state(request.state, self._max_elements), _expected(request))
         return pb.LoadStateResponse(state=convert.state_version(version))
 
     # -- normalization -----------------------------------------------------------------
     def _normalize(
-        self, request: pb.NormalizeRequest, still_wanted: Optional[Callable[[], bool]]
+        self,
+        request: pb.NormalizeRequest,
+        principal: Optional[Principal],
+        still_wanted: Optional[Callable[[], bool]],
     ) -> pb.NormalizeResponse:
         mode = _mode(request)
+        self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         layer = self._layers.get(request.layer)
         x = codec.to_torch(request.input, self._max_elements)
         start = perf_counter()
@@ -150,7 +220,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
 
     @_measured
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:
-        return self._normalize(request, context.is_active)
+        principal = self._auth.authenticate(context.invocation_metadata())
+        return self._normalize(request, principal, context.is_active)
 
     def NormalizeStream(
         self, request_iterator: Iterator[pb.NormalizeRequest], context: grpc.ServicerContext
@@ -164,16 +235,24 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many open streams: the limit is max_streams={self._max_streams}; retry later or use unary calls",
             )
+        try:
+            principal = self._auth.authenticate(context.invocation_metadata())
+        except Unauthenticated as e:
+            self._stream_slots.release()
+            metrics.observe_request("NormalizeStream", "none", "UNAUTHENTICATED", 0.0)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         in_flight = metrics.in_flight.labels("NormalizeStream")
         metrics.open_streams.inc()
+        watch = self._idle_streams.open(context)
         try:
             for sequence, request in enumerate(request_iterator):
+                self._idle_streams.touch(watch)
                 metrics.stream_messages.labels("received").inc()
                 mode = _MODES.get(request.mode, "invalid")
                 in_flight.inc()
                 start = perf_counter()
                 try:
-                    result = self._normalize(request, context.is_active)
+                    result = self._normalize(request, principal, context.is_active)
                     response = pb.NormalizeStreamResponse(sequence=sequence, response=result)
                     code = "OK"
                 except Exception as exc:
@@ -187,7 +266,9 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 metrics.observe_request("NormalizeStream", mode, code, seconds, request.request_id)
                 _log_request("NormalizeStream", mode, code, seconds, request.request_id, request.layer)
                 yield response
+                self._idle_streams.touch(watch)
                 metrics.stream_messages.labels("sent").inc()
         finally:
+            self._idle_streams.close(watch)
             metrics.open_streams.dec()
             self._stream_slots.release()

@@ -1,8 +1,10 @@
 """The `normserve` command.
 
     normserve serve [--host H] [--port P] [--metrics-port M] ...
-    normserve health [--target HOST:PORT] [--service NAME]
+    normserve health [--target HOST:PORT] [--service NAME] [--json]
+    normserve layers list|get|create|delete|reset|state ... [--target HOST:PORT] [--json]
     normserve import-state CHECKPOINT.pt --layer NAME [--prefix bn1] [--kind BatchNorm2d]
+    normserve token new --role infer|train|admin [--layer-prefix P]
 
 Every `serve` flag can also be set with a NORMSERVE_* environment variable (flag wins).
 """
@@ -33,31 +35,28 @@ def _serve_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
 
 
 def _health_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser(
-        "health",
-        help="check a server through the gRPC health service",
-        description="Exit 0 when the server reports SERVING, 1 otherwise (usable as a container health check).",
-    )
-    p.add_argument("--target", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
-    p.add_argument("--service", default="", help="service name to check (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    from normserve.client._cli import add_health_parser
+
+    add_health_parser(sub)
 
 
 def _health(args: argparse.Namespace) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    # Through the SDK: needs neither torch nor grpcio-health-checking.
+    from normserve.client._cli import run_health
 
-    with grpc.insecure_channel(args.target) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.RpcError as e:
-            print(f"{args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(f"{args.target}: {status}")
-    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return run_health(args)
+
+
+def _layers_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    from normserve.client._cli import add_layers_parser
+
+    add_layers_parser(sub)
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from normserve.client._cli import run_layers
+
+    return run_layers(args)
 
 
 def _import_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -107,13 +106,44 @@ def _import_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("token", help="manage bearer tokens", description="Manage bearer tokens for --tokens-file.")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    new = tsub.add_parser(
+        "new",
+        help="print a fresh token and the tokens-file entry to paste",
+        description="Print a fresh random token (give it to the client) and the JSON entry holding "
+        "only its SHA-256 digest (paste it into the tokens file, then send the server SIGHUP).",
+    )
+    new.add_argument("--role", required=True, choices=("infer", "train", "admin"))
+    new.add_argument("--name", default="", help="a name for the token (default: derived from the role)")
+    new.add_argument("--layer-prefix", default="", help="restrict the token to layers whose names start with this")
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    import json
+
+    from normserve.server.transport.auth import digest, new_token
+
+    token = new_token()
+    entry = {"name": args.name or f"{args.role}-{token[3:11]}", "sha256": digest(token), "role": args.role}
+    if args.layer_prefix:
+        entry["layer_prefix"] = args.layer_prefix
+    print(f"token: {token}")
+    print("tokens-file entry:")
+    print(json.dumps(entry))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="normserve", description="Stateful PyTorch normalization layers over gRPC.")
     parser.add_argument("--version", action="version", version=f"normserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _health_parser(sub)
+    _layers_parser(sub)
     _import_parser(sub)
+    _token_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -129,8 +159,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return serve(settings)
     if args.command == "health":
         return _health(args)
+    if args.command == "layers":
+        return _layers(args)
     if args.command == "import-state":
         return _import_state(args)
+    if args.command == "token":
+        return _token_new(args)
     return 2  # pragma: no cover - argparse enforces a command
 
 

@@ -87,3 +87,22 @@ def test_drain_keeps_serving_while_health_says_not_serving():
             assert c.get_layer("bn").name == "bn"
     finally:
         assert server.stop(timeout=30) == 0
+
+
+def test_idle_streams_are_cancelled_and_free_their_slot():
+    with ServerProcess("--max-workers", "4", "--max-streams", "1", "--stream-idle-seconds", "1") as server:
+        release = threading.Event()
+        with grpc.insecure_channel(server.target) as channel, Client(server.target, timeout=10) as c:
+            c.create_layer("bn", "BatchNorm1d", num_features=2)
+            started = threading.Event()
+            call = _idle_stream(channel, "bn", started, release)
+            assert started.wait(10)
+            try:
+                with pytest.raises(grpc.RpcError) as e:
+                    next(call)  # blocks until the server gives up on the silent stream
+                assert e.value.code() == grpc.StatusCode.CANCELLED
+            finally:
+                release.set()
+            assert server.wait_for_log("idle for over 1s")
+            out = list(c.normalize_stream("bn", [np.ones((2, 2), np.float32)], timeout=10))
+            assert len(out) == 1  # the slot is free again

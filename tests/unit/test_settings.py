@@ -37,6 +37,12 @@ VALID = {
     "max_streams": ("2", 2),
     "max_layer_state_bytes": ("4096", 4096),
     "drain_seconds": ("0.5", 0.5),
+    "tls_cert": ("/etc/normserve/cert.pem", "/etc/normserve/cert.pem"),
+    "tls_key": ("/etc/normserve/key.pem", "/etc/normserve/key.pem"),
+    "tls_client_ca": ("/etc/normserve/ca.pem", "/etc/normserve/ca.pem"),
+    "tokens_file": ("/etc/normserve/tokens.json", "/etc/normserve/tokens.json"),
+    "max_concurrent_rpcs": ("64", 64),
+    "stream_idle_seconds": ("30", 30.0),
 }
 
 W3_BATCH_BYTES = 32 * 3 * 224 * 224 * 4  # a (32, 3, 224, 224) float32 batch
@@ -88,16 +94,32 @@ def test_env_var_name(field):
     assert Settings.env_name(field) == "NORMSERVE_" + field.upper()
 
 
+# Settings that are only valid together with others.
+COMPANIONS = {"tls_cert": ("tls_key",), "tls_key": ("tls_cert",), "tls_client_ca": ("tls_cert", "tls_key")}
+
+
 @pytest.mark.parametrize("field", FIELDS)
 def test_each_setting_read_from_env(field):
     raw, parsed = VALID[field]
-    s = Settings.load(environ={Settings.env_name(field): raw})
+    together = (field, *COMPANIONS.get(field, ()))
+    s = Settings.load(environ={Settings.env_name(f): VALID[f][0] for f in together})
     value = getattr(s, field)
     assert value == parsed and type(value) is type(parsed)
     # Nothing else moved.
     for other in FIELDS:
-        if other != field:
+        if other not in together:
             assert getattr(s, other) == getattr(Settings(), other)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [({"tls_cert": "c.pem"}, "go together"), ({"tls_key": "k.pem"}, "go together"),
+     ({"tls_client_ca": "ca.pem"}, "needs tls_cert"), ({"max_concurrent_rpcs": 8}, "must exceed the stream limit"),
+     ({"stream_idle_seconds": -1.0}, "stream_idle_seconds")],
+)
+def test_security_settings_are_checked(values, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.load(values, environ={})
 
 
 def test_env_is_read_from_os_environ_by_default(monkeypatch):
