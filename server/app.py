@@ -46,8 +46,9 @@ class NormServer:
             if state_dir == MEMORY
             else DiskStore(state_dir, settings.durability, settings.flush_interval_seconds, id_window=settings.idempotency_window)
         )
+        self.device = resolve_device(settings.device)
         self.layers = Registry(
-            settings.max_layers, self.store, settings.idempotency_window, settings.layer_state_limit
+            settings.max_layers, self.store, settings.idempotency_window, settings.layer_state_limit, self.device
         )
         self.metrics = Metrics(self.layers, settings.metrics_max_labelled_layers)
         self.health = health.HealthServicer()
@@ -87,7 +88,7 @@ class NormServer:
             torch.set_num_threads(s.torch_threads)
         restored = self.layers.recover()
         where = "memory only" if s.resolved_state_dir == MEMORY else f"{s.resolved_state_dir}, durability={s.durability}"
-        log.info("state: %s; %d layer(s) restored", where, restored)
+        log.info("state: %s; %d layer(s) restored; layers compute on %s", where, restored, self.device)
         address = host_port(s.host, s.port)
         credentials = _server_credentials(s)
         if credentials is None:
@@ -134,6 +135,16 @@ class NormServer:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when torch sees a GPU, else cpu; an explicit cuda must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
+    return device
 
 
 def _server_credentials(s: Settings) -> Optional[grpc.ServerCredentials]:

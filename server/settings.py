@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
@@ -52,6 +53,7 @@ class Settings:
     tokens_file: str = ""
     max_concurrent_rpcs: int = 256
     stream_idle_seconds: float = 300.0
+    device: str = "auto"
 
     HELP = {
         "host": "address to listen on for gRPC (use 0.0.0.0 or :: to listen on all interfaces)",
@@ -86,6 +88,7 @@ class Settings:
         "re-read on SIGHUP",
         "max_concurrent_rpcs": "calls in progress at once, streams included (more get RESOURCE_EXHAUSTED)",
         "stream_idle_seconds": "a stream that sends nothing for this long is cancelled (0: never)",
+        "device": "where layers compute: cpu, cuda, cuda:N, or auto (cuda when available)",
     }
 
     @property
@@ -159,6 +162,8 @@ class Settings:
             raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must exceed the stream limit ({self.stream_limit})")
         if not math.isfinite(self.stream_idle_seconds) or self.stream_idle_seconds < 0:
             raise ValueError(f"stream_idle_seconds must be a finite number >= 0, got {self.stream_idle_seconds}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

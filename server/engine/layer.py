@@ -98,9 +98,11 @@ class Layer:
         version: int = 0,
         request_ids: Iterable[tuple[str, int, int]] = (),
         idempotency_window: int = 1024,
+        device: torch.device | str = "cpu",
     ):
         self.name = name
         self.config = config
+        self.device = torch.device(device)
         self.deleted = False
         self._store = store if store is not None else StateStore()
         self._write_lock = threading.Lock()
@@ -110,7 +112,7 @@ class Layer:
         self._ids: OrderedDict[str, StateVersion] = OrderedDict(
             (rid, StateVersion(v, n)) for rid, v, n in request_ids
         )
-        module = build_module(config)
+        module = build_module(config, self.device)
         if state:
             module = self._loaded(module, state)
         self._snapshot = _Snapshot(module, _state_version(module, version))
@@ -194,9 +196,10 @@ class Layer:
         return ForwardResult(out, version, queued_seconds=queued, drift=_drift(snap.module, work))
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The output stays on the layer's device; the codec moves it when encoding."""
         try:
             with torch.no_grad():
-                return module(x)
+                return module(x.to(self.device))
         except _OUT_OF_MEMORY:
             raise  # not the caller's input: INTERNAL, logged
         except (RuntimeError, ValueError) as e:
@@ -286,7 +289,7 @@ class Layer:
                 raise InvalidInput(f"state[{key!r}] has shape {tuple(new.shape)}, expected {tuple(old.shape)}")
             if old.is_floating_point() != new.is_floating_point():
                 raise InvalidInput(f"state[{key!r}] has dtype {new.dtype}, expected {old.dtype}")
-            value = new.to(dtype=old.dtype, copy=True)
+            value = new.to(device=old.device, dtype=old.dtype, copy=True)
             # Checked after the cast: a finite float64 can overflow a float16 layer.
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise InvalidInput(f"state[{key!r}] contains NaN or Inf (in the layer's dtype {old.dtype})")

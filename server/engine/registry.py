@@ -39,7 +39,9 @@ class Registry:
         store: Optional[StateStore] = None,
         idempotency_window: int = 1024,
         max_layer_state_bytes: int = 32 << 20,
+        device: torch.device | str = "cpu",
     ):
+        self.device = torch.device(device)
         self.max_layers = max_layers
         self.max_layer_state_bytes = max_layer_state_bytes
         self.store = store if store is not None else StateStore()
@@ -71,6 +73,7 @@ class Registry:
             version=record.version if record else 0,
             request_ids=record.request_ids if record else (),
             idempotency_window=self.idempotency_window,
+            device=self.device,
         )
 
     def records(self) -> list[LayerRecord]:

@@ -198,10 +198,11 @@ def state_bytes(config: LayerConfig) -> int:
     return n * tensors * config.dtype.itemsize + 8
 
 
-def build_module(config: LayerConfig) -> nn.Module:
-    """A fresh torch module for `config`, in eval mode, with gradients off."""
+def build_module(config: LayerConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """A fresh torch module for `config` on `device`, in eval mode, with gradients off."""
     args = dict(config.args)
     args["dtype"] = config.dtype
+    args["device"] = device
     if "bias" in args and "bias" not in _TORCH_ACCEPTS[config.kind]:
         del args["bias"]  # validated: only True reaches here on an older torch
     module = _CLASSES[config.kind](**args)

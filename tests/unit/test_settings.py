@@ -43,6 +43,7 @@ VALID = {
     "tokens_file": ("/etc/normserve/tokens.json", "/etc/normserve/tokens.json"),
     "max_concurrent_rpcs": ("64", 64),
     "stream_idle_seconds": ("30", 30.0),
+    "device": ("cpu", "cpu"),
 }
 
 W3_BATCH_BYTES = 32 * 3 * 224 * 224 * 4  # a (32, 3, 224, 224) float32 batch
