@@ -3,101 +3,58 @@
 from __future__ import annotations
 
 import collections
-import uuid
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+import time
+from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 
-from . import codec
-from ._modules import infer_kwargs, load_state_dict, module_spec
-from ._proto import normserve_pb2 as pb
-from ._proto import normserve_pb2_grpc as pb_grpc
-from .errors import InvalidArgumentError, NotFoundError, from_rpc_error, from_status_value
+from . import _core as core
+from ._core import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, CompressionArg, CredentialsArg, Metadata
+from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from .errors import DeadlineExceededError, NormServeError, UnavailableError, from_rpc_error
 from .types import LayerInfo, NormalizeResult, StateVersion
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-# Matches the server's default; big enough for a (32, 3, 224, 224) float32 batch.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+if TYPE_CHECKING:
+    from .nn import LayerSelector, RemoteNorm
 
-Metadata = Sequence[tuple[str, str]]
-_MODES = {"train": pb.MODE_TRAIN, "eval": pb.MODE_EVAL}
+__all__ = ["Client", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_TARGET", "DEFAULT_RETRY"]
 
+R = TypeVar("R")
 
-def _mode(mode: str) -> int:
-    try:
-        return _MODES[mode.lower()]
-    except (KeyError, AttributeError):
-        raise InvalidArgumentError(f"mode must be 'train' or 'eval', got {mode!r}") from None
-
-
-def _encode(x: Any) -> pb.Tensor:
-    try:
-        return codec.encode(x)
-    except codec.CodecError as e:
-        raise InvalidArgumentError(str(e)) from None
-
-
-def _torch_device(x: Any) -> Any:
-    """The device to return results on for input `x`; None means "return numpy"."""
-    return x.device if codec.is_torch(x) else None
-
-
-def _decode(t: pb.Tensor, torch_device: Any = None) -> Any:
-    """A writable numpy array, or a torch tensor on `torch_device` when one is given."""
-    try:
-        if torch_device is not None:
-            return codec.to_torch(t).clone().to(torch_device)
-        return codec.to_numpy(t).copy()
-    except codec.CodecError as e:
-        raise InvalidArgumentError(str(e)) from None
-
-
-def _state_version(v: pb.StateVersion) -> StateVersion:
-    return StateVersion(version=v.version, num_batches_tracked=v.num_batches_tracked)
-
-
-def _layer_info(info: pb.LayerInfo) -> LayerInfo:
-    kind, args = codec.spec_to_kwargs(info.spec)
-    return LayerInfo(
-        name=info.name,
-        kind=kind,
-        args=args,
-        state=_state_version(info.state),
-        has_running_stats=info.has_running_stats,
-    )
-
-
-def _request_id(mode: int, given: str) -> str:
-    """Train requests always carry an idempotency id; eval requests need none."""
-    return given or (uuid.uuid4().hex if mode == pb.MODE_TRAIN else "")
-
-
-def _result(response: pb.NormalizeResponse, torch_device: Any) -> NormalizeResult[Any]:
-    return NormalizeResult(
-        output=_decode(response.output, torch_device),
-        state=_state_version(response.state),
-        request_id=response.request_id,
-        replayed=response.replayed,
-    )
-
-
-def _encode_state(state: Mapping[str, Any]) -> dict[str, pb.Tensor]:
-    return {key: _encode(value) for key, value in state.items()}
+# A health probe's deadline when neither the call nor the client sets one.
+_PROBE_TIMEOUT = 5.0
 
 
 class Client:
     """Synchronous client for a normserve server.
 
-    >>> with Client("127.0.0.1:50051") as c:
+    >>> with Client("127.0.0.1:50051", timeout=10) as c:
     ...     c.create_layer("bn", "BatchNorm2d", num_features=3)
     ...     y = c.normalize("bn", x, mode="train")
 
     Arrays in, arrays out: numpy in gives numpy out; torch in gives torch out on the
-    input's device (torch is optional). Every failed call raises a
-    `normserve.client.errors.NormServeError` subclass carrying the gRPC status `code`.
+    input's device (CPU or CUDA; the dtype is kept). torch is optional. Every failed call
+    raises a `normserve.client.errors.NormServeError` subclass carrying the gRPC `code`.
 
-    `timeout` (seconds) and `metadata` are defaults for every call; each method also
-    takes its own.
+    Arguments (all but `target` keyword-only):
+
+    - `target`: "host:port" of the server.
+    - `timeout`: default deadline of each call in seconds, retries included (None: no
+      deadline); every method also takes its own `timeout`. Streams ignore this default.
+    - `metadata`: (key, value) pairs sent with every call (e.g. an authorization token);
+      methods take more with `metadata=`.
+    - `credentials`: None for plaintext, True for TLS with the system's roots, or
+      grpc.ChannelCredentials (see `tls_credentials(ca_cert, cert, key)`).
+    - `compression`: "gzip", "deflate" or a grpc.Compression, for every call.
+    - `retry`: a `RetryPolicy` (default: 5 attempts with exponential backoff and jitter
+      for UNAVAILABLE / DEADLINE_EXCEEDED), or None to never retry.
+    - `keepalive_time` / `keepalive_timeout` (seconds): send HTTP/2 pings on an idle
+      connection and drop it when a ping isn't answered in time; with
+      `keepalive_without_calls` also when no call is open. Keep `keepalive_time` at or
+      above what the server permits (gRPC's default: 5 minutes) or it closes the connection.
+    - `max_message_bytes`: largest message sent or received (default 64 MiB, the server's).
+    - `interceptors`: grpc client interceptors (e.g. for tracing or auth).
+    - `options`: raw gRPC channel arguments; they win over the settings above.
     """
 
     def __init__(
@@ -106,26 +63,50 @@ class Client:
         *,
         timeout: Optional[float] = None,
         metadata: Optional[Metadata] = None,
-        credentials: Optional[grpc.ChannelCredentials] = None,
+        credentials: CredentialsArg = None,
+        compression: CompressionArg = None,
+        retry: Optional[RetryPolicy] = DEFAULT_RETRY,
+        keepalive_time: Optional[float] = None,
+        keepalive_timeout: Optional[float] = None,
+        keepalive_without_calls: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        interceptors: Sequence[Any] = (),
         options: Sequence[tuple[str, Any]] = (),
     ):
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata or ())
-        channel_options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *options,
-        ]
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
+        self.metadata: tuple[tuple[str, str], ...] = tuple(metadata or ())
+        self.retry = retry
+        channel_options = core.channel_options(
+            max_message_bytes=max_message_bytes,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            keepalive_without_calls=keepalive_without_calls,
+            options=options,
+        )
+        creds = core.channel_credentials(credentials)
+        comp = core.compression(compression)
+        if creds is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options, compression=comp)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
-        self._stub = pb_grpc.NormServiceStub(self._channel)
+            self._channel = grpc.secure_channel(target, creds, options=channel_options, compression=comp)
+        channel: grpc.Channel = self._channel
+        if interceptors:
+            channel = grpc.intercept_channel(channel, *interceptors)
+        self._unary: dict[str, grpc.UnaryUnaryMultiCallable[Any, Any]] = {
+            name: channel.unary_unary(m.path, request_serializer=m.serialize, response_deserializer=m.deserialize)
+            for name, m in core.METHODS.items()
+            if name in core.UNARY_METHODS
+        }
+        self._unary[core.HEALTH_CHECK] = channel.unary_unary(core.HEALTH_METHOD.path)
+        stream = core.METHODS[core.STREAM_METHOD]
+        self._stream: grpc.StreamStreamMultiCallable[Any, Any] = channel.stream_stream(
+            stream.path, request_serializer=stream.serialize, response_deserializer=stream.deserialize
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -134,15 +115,74 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, rpc: Any, request: Any, timeout: Optional[float], metadata: Optional[Metadata]) -> Any:
-        try:
-            return rpc(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self.metadata + tuple(metadata or ()),
-            )
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    # -- the one call path -----------------------------------------------------------------
+    def _run(self, call: core.Call[R], timeout: Optional[float], metadata: Optional[Metadata]) -> R:
+        timeout = self.timeout if timeout is None else timeout
+        attempts = Attempts(self.retry if call.retry else None, timeout)
+        md = core.merge_metadata(self.metadata, metadata)
+        rpc = self._unary[call.method]
+        while True:
+            try:
+                response = rpc(call.request, timeout=attempts.start(), metadata=md)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+            else:
+                return call.decode(response)
+            if attempts.retried and call.reconcile is not None:
+                outcome = call.reconcile(attempts.give_up(err))
+                if isinstance(outcome, core.Done):
+                    return outcome.value
+                if outcome is not None:
+                    return self._run(outcome, timeout, metadata)
+            delay = attempts.next_delay(err)
+            if delay is None:
+                raise attempts.give_up(err)
+            time.sleep(delay)
+
+    def _drive(self, program: core.Program[R], timeout: Optional[float], metadata: Optional[Metadata]) -> R:
+        result: Any = None
+        error: Optional[NormServeError] = None
+        while True:
+            try:
+                call = program.send(result) if error is None else program.throw(error)
+            except StopIteration as stop:
+                value: R = stop.value
+                return value
+            try:
+                result, error = self._run(call, timeout, metadata), None
+            except NormServeError as e:
+                result, error = None, e
+
+    # -- health ----------------------------------------------------------------------------
+    def health(self, service: str = "", *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None) -> str:
+        """The server's grpc.health.v1 status: "SERVING", "NOT_SERVING", "UNKNOWN" or
+        "SERVICE_UNKNOWN". `service` "" asks about the whole server, or name one (e.g.
+        "normserve.v1.NormService"); an unknown one raises NotFoundError. Not retried."""
+        probe = timeout if timeout is not None else (self.timeout if self.timeout is not None else _PROBE_TIMEOUT)
+        return self._run(core.health(service), probe, metadata)
+
+    def ready(
+        self, service: str = "", *, timeout: Optional[float] = None, wait: float = 0.0, metadata: Optional[Metadata] = None
+    ) -> bool:
+        """True when the server (or `service`) reports SERVING through the health service.
+
+        An unreachable server is not ready (False, no exception). With `wait` (seconds),
+        keep probing until it is ready or `wait` has passed. `timeout` bounds each probe.
+        Other failures (e.g. UNAUTHENTICATED, an unknown `service`) raise."""
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                if self.health(service, timeout=timeout, metadata=metadata) == "SERVING":
+                    return True
+            except (UnavailableError, DeadlineExceededError):
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.1, left))
 
     # -- layers --------------------------------------------------------------------------
     def create_layer(
@@ -157,23 +197,14 @@ class Client:
     ) -> LayerInfo:
         """Create a layer from a torch class name and its constructor kwargs
         (`create_layer("bn", "BatchNorm2d", num_features=3, momentum=None)`), or from a
-        local torch module, whose configuration and state_dict are copied."""
-        if not isinstance(kind, str):
-            if kwargs:
-                raise InvalidArgumentError("pass either a module or constructor kwargs, not both")
-            module = kind
-            try:
-                kind, kwargs = module_spec(module)
-            except codec.CodecError as e:
-                raise InvalidArgumentError(str(e)) from None
-            if state is None:
-                state = module.state_dict()
-        try:
-            spec = codec.kwargs_to_spec(kind, kwargs)
-        except codec.CodecError as e:
-            raise InvalidArgumentError(str(e)) from None
-        request = pb.CreateLayerRequest(name=name, spec=spec, state=_encode_state(state or {}))
-        return _layer_info(self._call(self._stub.CreateLayer, request, timeout, metadata).layer)
+        local torch module, whose configuration and state_dict are copied. `state`: an
+        initial state_dict (strict).
+
+        Retry-safe: when the answer to an attempt is lost and the retry finds the name
+        taken, the existing layer is compared with the request; the same kind and
+        arguments mean the lost attempt created it, and its LayerInfo is returned. A
+        different layer raises AlreadyExistsError as usual."""
+        return self._run(core.create_layer(name, kind, state, kwargs), timeout, metadata)
 
     def import_state(
         self,
@@ -194,39 +225,23 @@ class Client:
         the layer is created with constructor kwargs inferred from the tensors (num_features,
         affine, track_running_stats, normalized_shape, dtype, bias); `kwargs` add or override
         them (e.g. eps, momentum, num_groups)."""
-        try:
-            state = load_state_dict(source, prefix)
-        except codec.CodecError as e:
-            raise InvalidArgumentError(str(e)) from None
-        try:
-            self.get_layer(name, timeout=timeout, metadata=metadata)
-        except NotFoundError as e:
-            if kind is None:
-                raise NotFoundError(f"{e.message}; pass kind= to create it from the checkpoint") from None
-        else:
-            self.load_state(name, state, timeout=timeout, metadata=metadata)
-            return self.get_layer(name, timeout=timeout, metadata=metadata)
-        try:
-            inferred = infer_kwargs(kind, state)  # type: ignore[arg-type]
-        except codec.CodecError as e:
-            raise InvalidArgumentError(str(e)) from None
-        return self.create_layer(
-            name, kind, state=state, timeout=timeout, metadata=metadata, **{**inferred, **kwargs}  # type: ignore[arg-type]
-        )
+        state = core.load_checkpoint(source, prefix)
+        return self._drive(core.import_state(name, state, kind, kwargs), timeout, metadata)
 
     def get_layer(self, name: str, *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None) -> LayerInfo:
-        response = self._call(self._stub.GetLayer, pb.GetLayerRequest(name=name), timeout, metadata)
-        return _layer_info(response.layer)
+        """The layer's kind, full constructor arguments and state version."""
+        return self._run(core.get_layer(name), timeout, metadata)
 
     def list_layers(
         self, prefix: str = "", *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None
     ) -> list[LayerInfo]:
         """Layers sorted by name, optionally only those whose name starts with `prefix`."""
-        response = self._call(self._stub.ListLayers, pb.ListLayersRequest(prefix=prefix), timeout, metadata)
-        return [_layer_info(info) for info in response.layers]
+        return self._run(core.list_layers(prefix), timeout, metadata)
 
     def delete_layer(self, name: str, *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None) -> None:
-        self._call(self._stub.DeleteLayer, pb.DeleteLayerRequest(name=name), timeout, metadata)
+        """Delete a layer and its state. Retry-safe: a retry that finds the layer gone
+        (an earlier attempt deleted it, its answer lost) counts as success."""
+        self._run(core.delete_layer(name), timeout, metadata)
 
     # -- state ---------------------------------------------------------------------------
     def get_state(
@@ -239,9 +254,7 @@ class Client:
     ) -> dict[str, Any]:
         """The layer's state_dict (same keys as the torch module's): numpy arrays, or torch
         tensors with `as_torch=True` (needed for bfloat16 layers)."""
-        response = self._call(self._stub.GetState, pb.GetStateRequest(name=name), timeout, metadata)
-        device = "cpu" if as_torch else None
-        return {key: _decode(t, device) for key, t in response.state.items()}
+        return self._run(core.get_state(name, as_torch), timeout, metadata)
 
     def load_state(
         self,
@@ -255,9 +268,10 @@ class Client:
         """Replace the layer's state (strict: every key of its state_dict, matching shapes).
 
         With `expected_version`, the load happens only if the layer is still at that
-        version; otherwise AbortedError is raised and nothing changes."""
-        request = pb.LoadStateRequest(name=name, state=_encode_state(state), expected_version=expected_version)
-        return _state_version(self._call(self._stub.LoadState, request, timeout, metadata).state)
+        version; otherwise AbortedError is raised and nothing changes. (A retried load
+        whose first answer was lost may then raise AbortedError although it was applied:
+        re-read and compare, as after any AbortedError.)"""
+        return self._run(core.load_state(name, state, expected_version), timeout, metadata)
 
     def reset_running_stats(
         self,
@@ -268,8 +282,7 @@ class Client:
         metadata: Optional[Metadata] = None,
     ) -> StateVersion:
         """Reset running statistics (compare-and-set with `expected_version`, as in load_state)."""
-        request = pb.ResetRunningStatsRequest(name=name, expected_version=expected_version)
-        return _state_version(self._call(self._stub.ResetRunningStats, request, timeout, metadata).state)
+        return self._run(core.reset_running_stats(name, expected_version), timeout, metadata)
 
     # -- normalization -------------------------------------------------------------------
     def normalize(
@@ -282,7 +295,9 @@ class Client:
         timeout: Optional[float] = None,
         metadata: Optional[Metadata] = None,
     ) -> Any:
-        """Run one batch through a server-side layer; `mode` is "train" or "eval"."""
+        """Run one batch through a server-side layer; `mode` is "train" or "eval".
+
+        Returns numpy for numpy (or array-like) input, torch for torch input (on its device)."""
         return self.normalize_result(layer, x, mode, request_id=request_id, timeout=timeout, metadata=metadata).output
 
     def normalize_result(
@@ -297,14 +312,10 @@ class Client:
     ) -> NormalizeResult[Any]:
         """Like `normalize`, also returning the state version the request read or produced.
 
-        Train requests carry an idempotency id (a fresh UUID unless `request_id` is given):
-        sending the same id again, e.g. after a timeout, is not applied twice."""
-        mode_value = _mode(mode)
-        request = pb.NormalizeRequest(
-            layer=layer, mode=mode_value, input=_encode(x), request_id=_request_id(mode_value, request_id)
-        )
-        response = self._call(self._stub.Normalize, request, timeout, metadata)
-        return _result(response, _torch_device(x))
+        Train requests carry an idempotency id (a fresh UUID unless `request_id` is given),
+        the same on every retry: the server applies it once, and answers a repeat with
+        `replayed=True`."""
+        return self._run(core.normalize(layer, x, mode, request_id), timeout, metadata)
 
     def normalize_stream(
         self,
@@ -322,10 +333,14 @@ class Client:
         the iteration. Batches before it were applied; batches after it that were already
         in flight may have been applied too (in order) before the stream was cancelled.
         `timeout` bounds the whole stream; the client's default per-call timeout does not
-        apply to streams.
+        apply to streams. Streams are not retried.
         """
-        for result in self.normalize_stream_results(layer, batches, mode, timeout=timeout, metadata=metadata):
-            yield result.output
+        results = self.normalize_stream_results(layer, batches, mode, timeout=timeout, metadata=metadata)
+        try:
+            for result in results:
+                yield result.output
+        finally:
+            results.close()  # cancels the call when the caller stops early
 
     def normalize_stream_results(
         self,
@@ -335,41 +350,69 @@ class Client:
         *,
         timeout: Optional[float] = None,
         metadata: Optional[Metadata] = None,
-    ) -> Iterator[NormalizeResult[Any]]:
+    ) -> Generator[NormalizeResult[Any], None, None]:
         """Like `normalize_stream`, yielding NormalizeResult (output + state version)."""
-        mode_value = _mode(mode)
+        mode_value = core.mode_value(mode)
         devices: collections.deque[Any] = collections.deque()  # one per request sent
         local_error: list[BaseException] = []
 
-        def requests() -> Iterator[pb.NormalizeRequest]:
+        def requests() -> Iterator[Any]:
             # gRPC consumes this on its own thread; an exception here would surface only as
             # a CANCELLED call, so keep it and raise it in the caller's thread instead.
             try:
                 for x in batches:
-                    tensor = _encode(x)
-                    devices.append(_torch_device(x))
-                    yield pb.NormalizeRequest(
-                        layer=layer, mode=mode_value, input=tensor, request_id=_request_id(mode_value, "")
-                    )
+                    request = core.stream_request(layer, mode_value, x)
+                    devices.append(core.torch_device(x))
+                    yield request
+            except GeneratorExit:  # gRPC closing the iterator: the call is over
+                raise
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 local_error.append(e)
 
-        call = self._stub.NormalizeStream(
-            requests(),
-            timeout=timeout,  # not the client's per-call default: a stream may live long
-            metadata=self.metadata + tuple(metadata or ()),
-        )
+        call = self._stream(requests(), timeout=timeout, metadata=core.merge_metadata(self.metadata, metadata))
         try:
             for response in call:
-                device = devices.popleft()
-                if response.HasField("error"):
-                    err = from_status_value(response.error.code, response.error.message)
-                    err.sequence = response.sequence  # type: ignore[attr-defined]
-                    raise err
-                yield _result(response.response, device)
+                yield core.stream_result(response, devices.popleft())
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            err = from_rpc_error(e)
+            if local_error and err.code == grpc.StatusCode.CANCELLED:
+                raise local_error[0] from None  # the local error is what cancelled the call
+            raise err from None
         finally:
             call.cancel()
         if local_error:
             raise local_error[0]
+
+    # -- torch.nn integration ----------------------------------------------------------------
+    def module(self, name: str) -> "RemoteNorm":
+        """A torch.nn.Module whose forward runs on server-side layer `name`: in train mode
+        when the module is in training mode (`.train()`), else eval (`.eval()`). Usable in
+        nn.Sequential; its state_dict() reads and load_state_dict() writes the server's
+        state. Needs torch. See `normserve.client.nn.RemoteNorm`."""
+        remote: RemoteNorm = _nn().RemoteNorm(self, name)
+        return remote
+
+    def offload(
+        self,
+        model: Any,
+        prefix: str,
+        *,
+        layers: "LayerSelector" = None,
+        if_exists: str = "error",
+    ) -> dict[str, str]:
+        """Move the normalization layers of a local torch model to the server, in place:
+        each chosen layer is created on the server as `prefix + its qualified name`, with
+        its configuration and current state, and replaced in `model` by a RemoteNorm.
+        Returns {qualified name: server layer name}. See `normserve.client.nn.offload`."""
+        placed: dict[str, str] = _nn().offload(model, self, prefix, layers=layers, if_exists=if_exists)
+        return placed
+
+
+def _nn() -> Any:
+    """normserve.client.nn, with a clear error when torch is missing."""
+    try:
+        from . import nn
+    except ImportError as e:
+        raise ImportError(f"remote torch modules need torch (pip install torch): {e}") from e
+    return nn
+

@@ -30,14 +30,14 @@ if sys.byteorder != "little":  # the zero-copy paths below assume the wire's byt
 # its inputs); torch's warning about the read-only buffer is noise on every request.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
-DTYPE_NAMES: dict[int, str] = {
+DTYPE_NAMES: dict["pb.DType", str] = {
     pb.DTYPE_FLOAT32: "float32",
     pb.DTYPE_FLOAT64: "float64",
     pb.DTYPE_FLOAT16: "float16",
     pb.DTYPE_BFLOAT16: "bfloat16",
     pb.DTYPE_INT64: "int64",
 }
-DTYPE_ENUMS: dict[str, int] = {name: enum for enum, name in DTYPE_NAMES.items()}
+DTYPE_ENUMS: dict[str, "pb.DType"] = {name: enum for enum, name in DTYPE_NAMES.items()}
 ITEMSIZE: dict[str, int] = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8}
 # numpy has no bfloat16: such tensors travel as torch tensors only.
 NUMPY_DTYPES: dict[str, np.dtype] = {

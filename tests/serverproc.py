@@ -50,6 +50,9 @@ class ServerProcess:
         if not self._ready.wait(self.startup_timeout):
             self.kill()
             raise RuntimeError("server did not start:\n" + self.log())
+        if not self.target:  # the process ended before it logged its ports
+            self.kill()
+            raise RuntimeError(f"server exited ({self.proc.returncode}) before it was ready:\n" + self.log())
         return self
 
     def _drain(self) -> None:
