@@ -137,27 +137,36 @@ class Metrics:
             registry=r,
         )
         self._drift_layers: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._max_labelled_layers = max_labelled_layers
         r.register(_LayerCollector(layers, max_labelled_layers))
         self._http: Optional[object] = None
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), cached: the lookup costs more than the observation."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_request(self, method: str, mode: str, code: str, seconds: float, request_id: str = "") -> None:
         # The request id rides along as an exemplar (OpenMetrics), so a slow bucket can be
         # traced to a request and its log line.
         exemplar = {"request_id": request_id} if request_id else None
-        self.request_duration.labels(method, mode, code).observe(seconds, exemplar)
-        self.requests.labels(method, mode, code).inc()
+        self._child(self.request_duration, method, mode, code).observe(seconds, exemplar)
+        self._child(self.requests, method, mode, code).inc()
 
     def observe_compute(
         self, layer: str, kind: str, mode: str, x: Any, result: ForwardResult, seconds: float
     ) -> None:
         """Everything measured about one computed batch."""
-        self.compute_duration.labels(kind, mode).observe(seconds)
+        self._child(self.compute_duration, kind, mode).observe(seconds)
         if mode == "train":
-            self.queue_duration.labels(kind, mode).observe(result.queued_seconds)
-        self.batch_size.labels(mode).observe(x.shape[0] if x.dim() > 1 else 1)
-        self.tensor_bytes.labels("in").inc(x.nbytes)
-        self.tensor_bytes.labels("out").inc(result.output.nbytes)
+            self._child(self.queue_duration, kind, mode).observe(result.queued_seconds)
+        self._child(self.batch_size, mode).observe(x.shape[0] if x.dim() > 1 else 1)
+        self._child(self.tensor_bytes, "in").inc(x.nbytes)
+        self._child(self.tensor_bytes, "out").inc(result.output.nbytes)
         if result.drift is not None:
             if layer not in self._drift_layers and len(self._drift_layers) < self._max_labelled_layers:
                 self._drift_layers.add(layer)

@@ -63,6 +63,15 @@ def _state_version(module: nn.Module, version: int) -> StateVersion:
     return StateVersion(version, int(nbt) if nbt is not None else 0)
 
 
+_NON_FINITE = "train batch contains NaN or Inf; running statistics would be poisoned"
+
+
+def _check_finite_stats(module: nn.Module) -> None:
+    for name in ("running_mean", "running_var"):
+        if not bool(torch.isfinite(getattr(module, name)).all()):
+            raise InvalidInput(_NON_FINITE)
+
+
 def _drift(before: nn.Module, after: nn.Module) -> Optional[float]:
     """Distance of the batch mean from the running mean before the update, in running
     standard deviations, averaged over channels. The batch mean is recovered from the
@@ -187,6 +196,7 @@ class Layer:
             work.training = True
             out = self._run(work, x)
             work.training = False
+            _check_finite_stats(work)
             if request_id and request_id in self._ids:
                 return ForwardResult(out, self._ids[request_id], replayed=True, queued_seconds=queued)
             if still_wanted is not None and not still_wanted():
@@ -253,8 +263,11 @@ class Layer:
         if x.numel() == 0:
             raise InvalidInput(f"input {shape} is empty")
         _check_shape(self.config, shape)
-        if train and not bool(torch.isfinite(x).all()):
-            raise InvalidInput("train batch contains NaN or Inf; running statistics would be poisoned")
+        if train and not self.has_running_stats and not bool(torch.isfinite(x).all()):
+            # Layers with running statistics check the updated statistics instead (O(C),
+            # not a pass over the batch): any NaN/Inf in a channel makes its mean or
+            # variance non-finite. See _check_finite_stats.
+            raise InvalidInput(_NON_FINITE)
         if train and self.config.family == "batch_norm" and x.numel() // x.shape[1] <= 1:
             raise InvalidInput(
                 f"BatchNorm in train mode needs more than 1 value per channel, got input {shape}"
