@@ -205,8 +205,9 @@ def is_torch(x: Any) -> bool:
     return codec.is_torch(x)
 
 
-def encode(x: Any) -> pb.Tensor:
-    """A numpy array, torch tensor (any device, any strides) or array-like -> Tensor."""
+def encode(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
+    """A numpy array, torch tensor (any device, any strides) or array-like -> Tensor
+    (`out`, filled in place, when given)."""
     if is_torch(x):
         if str(x.layout) != "torch.strided":
             raise InvalidArgumentError(f"tensors with layout {x.layout} are not supported; pass a dense (strided) tensor")
@@ -215,16 +216,16 @@ def encode(x: Any) -> pb.Tensor:
         if x.device.type == "meta":
             raise InvalidArgumentError("meta tensors have no data to send")
     try:
-        return codec.encode(x)
+        return codec.encode(x, out)
     except codec.CodecError as e:
         raise _invalid(e) from None
     except (TypeError, ValueError, RuntimeError) as e:  # e.g. np.asarray of a ragged list
         raise InvalidArgumentError(f"cannot encode {type(x).__name__} as a tensor: {e}") from None
 
 
-def encode_input(x: Any) -> pb.Tensor:
-    """Like `encode`, for normalize inputs: floating dtypes only."""
-    tensor = encode(x)
+def encode_input(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
+    """Like `encode`, for normalize inputs: floating dtypes only; fills `out` in place."""
+    tensor = encode(x, out)
     name = codec.DTYPE_NAMES.get(tensor.dtype)
     if name not in INPUT_DTYPES:
         raise InvalidArgumentError(f"unsupported input dtype {name}; expected one of {', '.join(INPUT_DTYPES)}")
@@ -388,14 +389,17 @@ def reset_running_stats(name: str, expected_version: Optional[int]) -> Call[Stat
 def normalize(layer: str, x: Any, mode: str, given_id: str) -> Call[NormalizeResult[Any]]:
     """Normalize. Retried with the same request id, so a train request is applied once."""
     value = mode_value(mode)
-    request = pb.NormalizeRequest(layer=layer, mode=value, input=encode_input(x), request_id=request_id(value, given_id))
+    request = pb.NormalizeRequest(layer=layer, mode=value, request_id=request_id(value, given_id))
+    encode_input(x, request.input)  # in place: a constructor argument would be copied again
     device = torch_device(x)
     return Call("Normalize", request, lambda r: normalize_result(r, device))
 
 
 # -- streams -----------------------------------------------------------------------------------
 def stream_request(layer: str, mode: "pb.Mode", x: Any) -> pb.NormalizeRequest:
-    return pb.NormalizeRequest(layer=layer, mode=mode, input=encode_input(x), request_id=request_id(mode, ""))
+    request = pb.NormalizeRequest(layer=layer, mode=mode, request_id=request_id(mode, ""))
+    encode_input(x, request.input)
+    return request
 
 
 def stream_result(response: pb.NormalizeStreamResponse, device: Any) -> NormalizeResult[Any]:

@@ -103,7 +103,19 @@ def to_torch(t: pb.Tensor, max_elements: Optional[int] = None) -> "torch.Tensor"
     return torch.frombuffer(data, dtype=dtype).view(shape)
 
 
-def from_torch(x: "torch.Tensor") -> pb.Tensor:
+def _fill(out: Optional[pb.Tensor], dtype: "pb.DType", shape: Any, data: bytes) -> pb.Tensor:
+    """Set the fields of `out` (or of a new Tensor) in place. Passing a filled Tensor to a
+    parent message's constructor would copy its bytes once more: fill the field instead,
+    e.g. `from_torch(x, out=response.output)`."""
+    if out is None:
+        out = pb.Tensor()
+    out.dtype = dtype
+    out.shape[:] = shape
+    out.data = data
+    return out
+
+
+def from_torch(x: "torch.Tensor", out: Optional[pb.Tensor] = None) -> pb.Tensor:
     """Encode a torch tensor (any device, any strides) with one copy into the message."""
     torch = _torch()
     name = str(x.dtype).removeprefix("torch.")
@@ -114,7 +126,7 @@ def from_torch(x: "torch.Tensor") -> pb.Tensor:
     x = x.detach().to("cpu").contiguous()
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)  # numpy can't hold bfloat16; the bytes are the same
-    return pb.Tensor(dtype=DTYPE_ENUMS[name], shape=x.shape, data=x.numpy().tobytes())
+    return _fill(out, DTYPE_ENUMS[name], x.shape, x.numpy().tobytes())
 
 
 # -- numpy -------------------------------------------------------------------------------
@@ -127,7 +139,7 @@ def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None) -> np.ndarray:
     return np.frombuffer(data, dtype=NUMPY_DTYPES[name]).reshape(shape)
 
 
-def from_numpy(x: np.ndarray) -> pb.Tensor:
+def from_numpy(x: np.ndarray, out: Optional[pb.Tensor] = None) -> pb.Tensor:
     x = np.asarray(x)
     name = x.dtype.name
     if name not in NUMPY_DTYPES:
@@ -135,7 +147,7 @@ def from_numpy(x: np.ndarray) -> pb.Tensor:
             f"unsupported array dtype {x.dtype}; expected one of {', '.join(NUMPY_DTYPES)}"
         )
     data = np.ascontiguousarray(x, dtype=NUMPY_DTYPES[name]).tobytes()
-    return pb.Tensor(dtype=DTYPE_ENUMS[name], shape=x.shape, data=data)
+    return _fill(out, DTYPE_ENUMS[name], x.shape, data)
 
 
 def is_torch(x: Any) -> bool:
@@ -144,9 +156,10 @@ def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def encode(x: Any) -> pb.Tensor:
-    """numpy array, torch tensor or anything np.asarray accepts -> Tensor message."""
-    return from_torch(x) if is_torch(x) else from_numpy(x)
+def encode(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
+    """numpy array, torch tensor or anything np.asarray accepts -> Tensor message (`out`,
+    filled in place, when given)."""
+    return from_torch(x, out) if is_torch(x) else from_numpy(x, out)
 
 
 # -- layer specs -------------------------------------------------------------------------

@@ -16,14 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from normserve.client._proto import normserve_pb2 as pb
-from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
 from . import logs
 from .engine import DiskStore, Registry, StateDirInUse, StateStore
 from .metrics import Metrics
 from .settings import Settings
 from .transport.auth import Authorizer
-from .transport.servicer import NormServicer
+from .transport.servicer import NormServicer, add_to_server
 
 log = logging.getLogger("normserve")
 
@@ -75,7 +74,7 @@ class NormServer:
             settings.stream_limit,
             settings.stream_idle_seconds,
         )
-        pb_grpc.add_NormServiceServicer_to_server(servicer, self._server)
+        add_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

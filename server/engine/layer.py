@@ -80,9 +80,9 @@ def _drift(before: nn.Module, after: nn.Module) -> Optional[float]:
     factor = 1.0 / float(after.num_batches_tracked) if momentum is None else float(momentum)
     if factor <= 0:
         return None
-    old_mean, old_var = before.running_mean.double(), before.running_var.double()
-    step = (after.running_mean.double() - old_mean).abs() / factor
-    return float((step / (old_var + before.eps).sqrt()).mean())
+    old_mean = before.running_mean
+    step = after.running_mean.sub(old_mean).abs_()
+    return float(step.div_(before.running_var.add(before.eps).sqrt_()).mean()) / factor
 
 
 def _writable_copy(module: nn.Module) -> nn.Module:

@@ -39,6 +39,8 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 
 # Upper bound on the elements of one parameter vector: keeps a typo from allocating GiBs.
 MAX_FEATURES = 1 << 24
+# Inputs have at most 8 dims (the codec's limit), so a longer normalized_shape is unusable.
+MAX_NORMALIZED_RANK = 8
 
 _COMMON = {"eps": 1e-5, "dtype": "float32"}
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -180,6 +182,8 @@ def _validate(kind: str, fam: str, args: dict[str, Any]) -> None:
             shape = [shape]
         if not isinstance(shape, (list, tuple, torch.Size)) or not shape:
             raise InvalidSpec(f"{kind}: normalized_shape must be a non-empty list of positive ints, got {shape!r}")
+        if len(shape) > MAX_NORMALIZED_RANK:
+            raise InvalidSpec(f"{kind}: normalized_shape {list(shape)} has more than {MAX_NORMALIZED_RANK} dims")
         shape = [_positive_int(kind, "normalized_shape entries", d) for d in shape]
         if math.prod(shape) > MAX_FEATURES:
             raise InvalidSpec(f"{kind}: normalized_shape {shape} has more than {MAX_FEATURES} elements")

@@ -45,6 +45,7 @@ _U32 = struct.Struct("<I")
 DURABILITY_MODES = ("always", "interval", "none")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16, "int64": torch.int64}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,10 @@ def encode_record(record: LayerRecord) -> bytes:
     blobs = []
     offset = 0
     for key, t in record.state.items():
-        t = t.detach().to("cpu").contiguous()
-        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-        tensors.append([key, str(t.dtype).removeprefix("torch."), list(t.shape), offset, len(raw)])
+        if t.device.type != "cpu" or not t.is_contiguous():
+            t = t.detach().to("cpu").contiguous()
+        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t.detach()).numpy().tobytes()
+        tensors.append([key, _DTYPE_NAMES[t.dtype], list(t.shape), offset, len(raw)])
         blobs.append(raw)
         offset += len(raw)
     header = {

@@ -21,6 +21,11 @@ def state_version(v: StateVersion) -> pb.StateVersion:
     return pb.StateVersion(version=v.version, num_batches_tracked=v.num_batches_tracked)
 
 
+def fill_state_version(out: pb.StateVersion, v: StateVersion) -> None:
+    out.version = v.version
+    out.num_batches_tracked = v.num_batches_tracked
+
+
 def layer_info(layer: Layer) -> pb.LayerInfo:
     return pb.LayerInfo(
         name=layer.name,

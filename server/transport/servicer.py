@@ -12,7 +12,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import grpc
 
+from google.protobuf.message import DecodeError
+
 from normserve.client import codec
+from normserve.client.codec import CodecError
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
@@ -45,7 +48,7 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: "NormServicer", request: Any, context: grpc.ServicerContext) -> Any:
-        normalize = name == "Normalize"
+        normalize = name == "Normalize" and not isinstance(request, Undecodable)
         mode = _MODES.get(request.mode, "invalid") if normalize else "none"
         request_id = request.request_id if normalize else ""
         in_flight = self._metrics.in_flight.labels(name)
@@ -53,6 +56,8 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
         start = perf_counter()
         code = "OK"
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return method(self, request, context)
         except Exception as exc:
             status, message = status_for(exc, name)
@@ -62,7 +67,8 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
             in_flight.dec()
             seconds = perf_counter() - start
             self._metrics.observe_request(name, mode, code, seconds, request_id)
-            _log_request(name, mode, code, seconds, request_id, getattr(request, "layer", "") or getattr(request, "name", ""))
+            layer = getattr(request, "layer", "") or getattr(request, "name", "")
+            _log_request(name, mode, code, seconds, request_id, layer)
 
     return wrapper
 
@@ -76,6 +82,46 @@ def _log_request(method: str, mode: str, code: str, seconds: float, request_id: 
             extra={"method": method, "layer": layer, "mode": mode, "code": code,
                    "duration_seconds": seconds, "request_id": request_id},
         )
+
+
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message, so that it is answered
+    with INVALID_ARGUMENT (by the servicer) rather than INTERNAL (by gRPC's deserializer)."""
+
+    def __init__(self, message_type: str, reason: str):
+        self.message_type = message_type
+        self.reason = reason
+
+    def error(self) -> CodecError:
+        return CodecError(f"request is not a valid {self.message_type} message: {self.reason}")
+
+
+def _tolerant_parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as e:
+            return Undecodable(message_class.DESCRIPTOR.full_name, str(e) or "malformed protobuf")
+
+    return parse
+
+
+def add_to_server(servicer: "NormServicer", server: grpc.Server) -> None:
+    """Register the servicer like the generated add_NormServiceServicer_to_server, but with
+    request parsers that turn undecodable bytes into INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["NormService"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class _IdleStreams:
@@ -203,7 +249,10 @@ class NormServicer(pb_grpc.NormServiceServicer):
         request: pb.NormalizeRequest,
         principal: Optional[Principal],
         still_wanted: Optional[Callable[[], bool]],
-    ) -> pb.NormalizeResponse:
+        response: pb.NormalizeResponse,
+    ) -> None:
+        """Run one request and fill `response` in place (filling beats passing a message to
+        a constructor, which would copy the output bytes again)."""
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         layer = self._layers.get(request.layer)
@@ -211,17 +260,17 @@ class NormServicer(pb_grpc.NormServiceServicer):
         start = perf_counter()
         result = layer.forward(x, mode == "train", still_wanted, request.request_id)
         self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
-        return pb.NormalizeResponse(
-            output=codec.from_torch(result.output),
-            state=convert.state_version(result.state),
-            request_id=request.request_id,
-            replayed=result.replayed,
-        )
+        codec.from_torch(result.output, out=response.output)
+        convert.fill_state_version(response.state, result.state)
+        response.request_id = request.request_id
+        response.replayed = result.replayed
 
     @_measured
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:
         principal = self._auth.authenticate(context.invocation_metadata())
-        return self._normalize(request, principal, context.is_active)
+        response = pb.NormalizeResponse()
+        self._normalize(request, principal, context.is_active, response)
+        return response
 
     def NormalizeStream(
         self, request_iterator: Iterator[pb.NormalizeRequest], context: grpc.ServicerContext
@@ -248,12 +297,15 @@ class NormServicer(pb_grpc.NormServiceServicer):
             for sequence, request in enumerate(request_iterator):
                 self._idle_streams.touch(watch)
                 metrics.stream_messages.labels("received").inc()
-                mode = _MODES.get(request.mode, "invalid")
+                undecodable = isinstance(request, Undecodable)
+                mode = "invalid" if undecodable else _MODES.get(request.mode, "invalid")
                 in_flight.inc()
                 start = perf_counter()
                 try:
-                    result = self._normalize(request, principal, context.is_active)
-                    response = pb.NormalizeStreamResponse(sequence=sequence, response=result)
+                    if undecodable:
+                        raise request.error()
+                    response = pb.NormalizeStreamResponse(sequence=sequence)
+                    self._normalize(request, principal, context.is_active, response.response)
                     code = "OK"
                 except Exception as exc:
                     status, message = status_for(exc, "NormalizeStream")
@@ -263,8 +315,9 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 finally:
                     in_flight.dec()
                 seconds = perf_counter() - start
-                metrics.observe_request("NormalizeStream", mode, code, seconds, request.request_id)
-                _log_request("NormalizeStream", mode, code, seconds, request.request_id, request.layer)
+                request_id, layer = ("", "") if undecodable else (request.request_id, request.layer)
+                metrics.observe_request("NormalizeStream", mode, code, seconds, request_id)
+                _log_request("NormalizeStream", mode, code, seconds, request_id, layer)
                 yield response
                 self._idle_streams.touch(watch)
                 metrics.stream_messages.labels("sent").inc()
