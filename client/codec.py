@@ -69,8 +69,8 @@ def check(t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes
         raise CodecError(f"tensor rank {len(shape)} exceeds the maximum of {MAX_RANK}")
     if any(d < 0 for d in shape):
         raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
-    if math.prod(max(d, 1) for d in shape) >= 1 << 62:
-        raise CodecError(f"tensor shape {list(shape)} is too large (its size overflows 64 bits)")
+    if math.prod(max(d, 1) for d in shape) * ITEMSIZE[name] >= 1 << 62:
+        raise CodecError(f"tensor shape {list(shape)} is too large (its size in bytes overflows 62 bits)")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise TensorElementsExceeded(

@@ -63,7 +63,10 @@ def _state_version(module: nn.Module, version: int) -> StateVersion:
     return StateVersion(version, int(nbt) if nbt is not None else 0)
 
 
-_NON_FINITE = "train batch contains NaN or Inf; running statistics would be poisoned"
+_NON_FINITE = (
+    "train batch contains NaN or Inf, or its statistics overflow the layer's dtype; "
+    "the running statistics would be poisoned"
+)
 
 
 def _check_finite_stats(module: nn.Module) -> None:
