@@ -52,12 +52,15 @@ class CodecError(ValueError):
 
 
 class TensorElementsExceeded(CodecError):
-    """A tensor is larger than the configured element limit."""
+    """A tensor is over a configured size limit (elements or rank)."""
 
 
-def check(t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes] = None) -> tuple[str, tuple[int, ...]]:
+def check(
+    t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes] = None, max_rank: int = MAX_RANK
+) -> tuple[str, tuple[int, ...]]:
     """Validate a Tensor message; returns (dtype name, shape). Pass `data` when the caller
-    already holds t.data: every access to a bytes field copies it."""
+    already holds t.data: every access to a bytes field copies it. Over MAX_RANK dims is a
+    malformed tensor; over a lower configured `max_rank`, a limit (TensorLimitExceeded)."""
     name = DTYPE_NAMES.get(t.dtype)
     if name is None:
         if t.dtype == pb.DTYPE_UNSPECIFIED and not t.shape and not t.data:
@@ -67,6 +70,8 @@ def check(t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes
     shape = tuple(t.shape)
     if len(shape) > MAX_RANK:
         raise CodecError(f"tensor rank {len(shape)} exceeds the maximum of {MAX_RANK}")
+    if len(shape) > max_rank:
+        raise TensorElementsExceeded(f"tensor rank {len(shape)} is over the limit max_tensor_rank={max_rank}")
     if any(d < 0 for d in shape):
         raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
     if math.prod(max(d, 1) for d in shape) * ITEMSIZE[name] >= 1 << 62:
@@ -74,7 +79,7 @@ def check(t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise TensorElementsExceeded(
-            f"tensor shape {list(shape)} has {count} elements, over the limit of {max_elements}"
+            f"tensor shape {list(shape)} has {count} elements, over the limit max_tensor_elements={max_elements}"
         )
     expected_bytes = count * ITEMSIZE[name]
     size = len(t.data if data is None else data)
@@ -92,11 +97,11 @@ def _torch() -> Any:
     return torch
 
 
-def to_torch(t: pb.Tensor, max_elements: Optional[int] = None) -> "torch.Tensor":
+def to_torch(t: pb.Tensor, max_elements: Optional[int] = None, max_rank: int = MAX_RANK) -> "torch.Tensor":
     """Decode without copying: the tensor views the message's bytes (treat it as read-only)."""
     torch = _torch()
     data = t.data
-    name, shape = check(t, max_elements, data)
+    name, shape = check(t, max_elements, data, max_rank)
     dtype = getattr(torch, name)
     if not data:
         return torch.empty(shape, dtype=dtype)

@@ -73,6 +73,7 @@ class NormServer:
             settings.max_tensor_elements,
             settings.stream_limit,
             settings.stream_idle_seconds,
+            settings.max_tensor_rank,
         )
         add_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -18,6 +18,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _UPPER_BOUNDS = {
     "max_message_bytes": 2**31 - 1,
     "max_tensor_elements": 2**40,
+    "max_tensor_rank": 8,
     "max_layers": 10**7,
     "max_workers": 4096,
     "max_layer_state_bytes": 2**30,
@@ -33,6 +34,7 @@ class Settings:
     metrics_port: int = 9464
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_tensor_elements: int = 1 << 25
+    max_tensor_rank: int = 8
     max_layers: int = 10_000
     max_workers: int = 32
     max_streams: int = 0
@@ -62,6 +64,7 @@ class Settings:
         "metrics_port": "Prometheus /metrics port; 0 picks a free port, -1 disables",
         "max_message_bytes": "largest gRPC message accepted or sent",
         "max_tensor_elements": "largest tensor (elements) accepted",
+        "max_tensor_rank": "most dims of an input tensor (1-8)",
         "max_layers": "most layers the server keeps",
         "max_workers": "gRPC worker threads (each open stream holds one)",
         "max_streams": "open NormalizeStream calls at once, more get RESOURCE_EXHAUSTED (0: half of "

@@ -174,7 +174,9 @@ class NormServicer(pb_grpc.NormServiceServicer):
         max_tensor_elements: int,
         max_streams: int,
         stream_idle_seconds: float = 0.0,
+        max_tensor_rank: int = codec.MAX_RANK,
     ):
+        self._max_rank = max_tensor_rank
         self._layers = layers
         self._auth = auth
         self._idle_streams = _IdleStreams(stream_idle_seconds)
@@ -256,7 +258,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         layer = self._layers.get(request.layer)
-        x = codec.to_torch(request.input, self._max_elements)
+        x = codec.to_torch(request.input, self._max_elements, self._max_rank)
         start = perf_counter()
         result = layer.forward(x, mode == "train", still_wanted, request.request_id)
         self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)

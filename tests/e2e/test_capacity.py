@@ -106,3 +106,14 @@ def test_idle_streams_are_cancelled_and_free_their_slot():
             assert server.wait_for_log("idle for over 1s")
             out = list(c.normalize_stream("bn", [np.ones((2, 2), np.float32)], timeout=10))
             assert len(out) == 1  # the slot is free again
+
+
+def test_tensor_rank_over_the_configured_limit_is_resource_exhausted():
+    with ServerProcess("--max-tensor-rank", "3") as server, Client(server.target, timeout=10) as c:
+        c.create_layer("bn", "BatchNorm2d", num_features=2)
+        before = c.get_layer("bn").state
+        with pytest.raises(ResourceExhaustedError, match="max_tensor_rank=3"):
+            c.normalize("bn", np.ones((2, 2, 2, 2), np.float32), mode="train")
+        assert c.get_layer("bn").state == before
+        c.create_layer("bn1", "BatchNorm1d", num_features=2)
+        assert c.normalize("bn1", np.ones((2, 2, 3), np.float32)).shape == (2, 2, 3)

@@ -23,6 +23,7 @@ VALID = {
     "metrics_port": ("0", 0),
     "max_message_bytes": ("1048576", 1048576),
     "max_tensor_elements": ("1000", 1000),
+    "max_tensor_rank": ("4", 4),
     "max_layers": ("7", 7),
     "max_workers": ("3", 3),
     "grace_seconds": ("2.5", 2.5),
