@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 import torch
+from layercases import batches, local_module
 from torch import nn
 
 from normserve.server.engine import (
@@ -33,46 +34,6 @@ IN = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def input_shapes(kind: str, kwargs: dict) -> list[tuple[int, ...]]:
-    """Shapes torch accepts for this layer (cycled through a sequence: ranks get mixed)."""
-    if kind.startswith(("BatchNorm", "InstanceNorm")):
-        c = kwargs["num_features"]
-        return {
-            "BatchNorm1d": [(8, c), (5, c, 6)],
-            "BatchNorm2d": [(4, c, 3, 5), (2, c, 4, 4)],
-            "BatchNorm3d": [(2, c, 2, 3, 4), (3, c, 2, 2, 3)],
-            "InstanceNorm1d": [(4, c, 7), (c, 9)],
-            "InstanceNorm2d": [(3, c, 4, 5), (c, 5, 4)],
-            "InstanceNorm3d": [(2, c, 2, 3, 4), (c, 3, 2, 3)],
-        }[kind]
-    if kind == "GroupNorm":
-        c = kwargs["num_channels"]
-        return [(4, c), (3, c, 5), (2, c, 3, 4)]
-    ns = kwargs["normalized_shape"]
-    ns = (ns,) if isinstance(ns, int) else tuple(ns)
-    return [(6, *ns), (2, 3, *ns), ns]
-
-
-def batches(kind: str, kwargs: dict, dtype: torch.dtype, n: int, seed: int):
-    """`n` batches with different means and scales (per-channel offsets included)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = input_shapes(kind, kwargs)
-    out = []
-    for i in range(n):
-        shape = shapes[i % len(shapes)]
-        scale = float(torch.empty(()).uniform_(0.3, 4.0, generator=g))
-        shift = float(torch.empty(()).uniform_(-5.0, 5.0, generator=g))
-        x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
-        out.append(x.to(dtype))
-    return out
-
-
-def local_module(kind: str, kwargs: dict, dtype: torch.dtype) -> nn.Module:
-    module = getattr(nn, kind)(**kwargs, dtype=dtype)
-    module.requires_grad_(False)
-    return module
-
-
 def randomize_params(module: nn.Module, seed: int) -> None:
     """Non-trivial affine parameters (weight/bias start at 1/0, which hides mistakes)."""
     g = torch.Generator().manual_seed(seed)
