@@ -3,9 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-# The monitoring tests run a real Prometheus (Debian's package); without it they are skipped.
-if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
-        || echo "note: could not install prometheus; its tests will be skipped" >&2
+# Tests use real services from Debian packages: Prometheus (monitoring tests) and Redis
+# (shared-store tests). Installed when missing and possible; tests needing one skip otherwise.
+missing=()
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null) \
+        || echo "note: could not install ${missing[*]}; their tests will be skipped" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

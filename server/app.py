@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from normserve.client._proto import normserve_pb2 as pb
 
 from . import logs
-from .engine import DiskStore, Registry, StateDirInUse, StateStore
+from .engine import DiskStore, RedisStore, Registry, StateDirInUse, StateStore, StoreUnavailable
 from .metrics import Metrics
 from .settings import Settings
 from .transport.auth import Authorizer
@@ -39,12 +39,7 @@ class NormServer:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        state_dir = settings.resolved_state_dir
-        self.store = (
-            StateStore()
-            if state_dir == MEMORY
-            else DiskStore(state_dir, settings.durability, settings.flush_interval_seconds, id_window=settings.idempotency_window)
-        )
+        self.store = _state_store(settings)
         self.device = resolve_device(settings.device)
         self.layers = Registry(
             settings.max_layers, self.store, settings.idempotency_window, settings.layer_state_limit, self.device
@@ -87,7 +82,14 @@ class NormServer:
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         restored = self.layers.recover()
-        where = "memory only" if s.resolved_state_dir == MEMORY else f"{s.resolved_state_dir}, durability={s.durability}"
+        where = (
+            f"shared store {self.store.url} (prefix {s.store_prefix!r}, staleness bound "
+            f"{2 * s.store_refresh_seconds:g}s)"
+            if s.store
+            else "memory only"
+            if s.resolved_state_dir == MEMORY
+            else f"{s.resolved_state_dir}, durability={s.durability}"
+        )
         log.info("state: %s; %d layer(s) restored; layers compute on %s", where, restored, self.device)
         address = host_port(s.host, s.port)
         credentials = _server_credentials(s)
@@ -137,6 +139,15 @@ class NormServer:
         self._stopped.wait()
 
 
+def _state_store(settings: Settings) -> StateStore:
+    if settings.store:
+        return RedisStore(settings.store, settings.store_prefix, settings.store_refresh_seconds)
+    state_dir = settings.resolved_state_dir
+    if state_dir == MEMORY:
+        return StateStore()
+    return DiskStore(state_dir, settings.durability, settings.flush_interval_seconds, id_window=settings.idempotency_window)
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when torch sees a GPU, else cpu; an explicit cuda must exist."""
     if name == "auto":
@@ -174,7 +185,7 @@ def serve(settings: Settings) -> int:
     try:
         server = NormServer(settings)
         server.start()
-    except (StateDirInUse, OSError, RuntimeError, ValueError) as e:
+    except (StateDirInUse, StoreUnavailable, OSError, RuntimeError, ValueError) as e:
         log.error("cannot start: %s", e)
         return 1
     stop_requested = threading.Event()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
 from .engine import KINDS, ForwardResult, Registry
@@ -41,7 +41,7 @@ class _LayerCollector:
         self._cap = max_labelled_layers
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        layers = self._layers.list()
+        layers = self._layers.list(fresh=False)
         by_kind = GaugeMetricFamily("normserve_layers", "Layers by kind", labels=["kind"])
         counts = {k: 0 for k in KINDS}
         for layer in layers:
@@ -82,6 +82,20 @@ class _LayerCollector:
         yield tracked
         yield version
         yield from drift.values()
+        shared = self._layers.shared
+        if shared is not None:
+            yield GaugeMetricFamily(
+                "normserve_store_sync_age_seconds",
+                "Shared store: seconds since this replica last read the store's index "
+                "(eval requests are refused above 2 x store_refresh_seconds)",
+                value=shared.sync_age(),
+            )
+            yield CounterMetricFamily(
+                "normserve_store_conflicts",
+                "Shared store: commits refused because another replica changed the layer first "
+                "(the update was recomputed on the newer state)",
+                value=shared.conflicts,
+            )
 
 
 class Metrics:

@@ -49,6 +49,9 @@ class Settings:
     durability: str = "always"
     flush_interval_seconds: float = 1.0
     idempotency_window: int = 1024
+    store: str = ""
+    store_prefix: str = "normserve"
+    store_refresh_seconds: float = 0.5
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -84,6 +87,12 @@ class Settings:
         "fsyncs); interval: fsync every flush interval; none: never fsync",
         "flush_interval_seconds": "fsync period when durability is interval (the loss window on a crash)",
         "idempotency_window": "train request ids remembered per layer (retries of these are not re-applied)",
+        "store": "where layer state lives: empty for the embedded store in state_dir, or a shared "
+        "store for several replicas: redis://[user:password@]host:port/db (rediss:// for TLS, "
+        "unix:///path.sock)",
+        "store_prefix": "shared store: key prefix; replicas with the same store and prefix share layers",
+        "store_refresh_seconds": "shared store: index re-read period; an eval reflects every change "
+        "acknowledged more than 2x this earlier (usually milliseconds, through notifications)",
         "tls_cert": "PEM certificate chain: serve TLS (with tls_key)",
         "tls_key": "PEM private key for tls_cert",
         "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS)",
@@ -155,6 +164,14 @@ class Settings:
             raise ValueError(f"durability must be always, interval or none, got {self.durability!r}")
         if not math.isfinite(self.flush_interval_seconds) or self.flush_interval_seconds <= 0:
             raise ValueError(f"flush_interval_seconds must be a finite number > 0, got {self.flush_interval_seconds}")
+        if self.store and not re.match(r"(redis|rediss|unix)://", self.store):
+            raise ValueError(
+                f"store must be empty (embedded) or a redis://, rediss:// or unix:// URL, got {self.store!r}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", self.store_prefix):
+            raise ValueError(f"store_prefix must be 1-64 letters, digits or . _ : -, got {self.store_prefix!r}")
+        if not math.isfinite(self.store_refresh_seconds) or not 0.01 <= self.store_refresh_seconds <= 60:
+            raise ValueError(f"store_refresh_seconds must be in [0.01, 60], got {self.store_refresh_seconds}")
         if self.idempotency_window < 0:
             raise ValueError("idempotency_window must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):

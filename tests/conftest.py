@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from asyncadapter import SyncAsyncClient  # noqa: E402
+from redisproc import start_or_skip  # noqa: E402
 from serverproc import ServerProcess  # noqa: E402
 
 from normserve.client import Client  # noqa: E402
@@ -57,6 +58,15 @@ def server():
     """A real `normserve serve` process on 127.0.0.1 (port 0) for the whole session."""
     with ServerProcess() as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def redis():
+    """A real redis-server on 127.0.0.1 for the shared-store tests (skips without one,
+    fails instead under CI: NORMSERVE_REQUIRE_REDIS=1)."""
+    proc = start_or_skip()
+    yield proc
+    proc.cleanup()
 
 
 @pytest.fixture

@@ -9,10 +9,13 @@ from .errors import (
     LimitExceeded,
     NoRunningStats,
     RequestAbandoned,
+    StoreUnavailable,
     VersionConflict,
 )
 from .layer import ForwardResult, Layer, StateVersion
+from .redis_store import RedisStore
 from .registry import Registry
+from .shared import SharedStore
 from .specs import KINDS, LayerConfig, make_config
 from .store import DURABILITY_MODES, DiskStore, LayerRecord, StateDirInUse, StateStore
 
@@ -34,7 +37,10 @@ __all__ = [
     "LayerNotFound",
     "LimitExceeded",
     "NoRunningStats",
+    "RedisStore",
     "Registry",
+    "SharedStore",
+    "StoreUnavailable",
     "RequestAbandoned",
     "StateVersion",
     "make_config",

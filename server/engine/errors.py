@@ -35,3 +35,7 @@ class RequestAbandoned(EngineError):
 
 class VersionConflict(EngineError):
     """A compare-and-set found the layer at another version than the caller expected."""
+
+
+class StoreUnavailable(EngineError):
+    """The shared store can't be reached, or this replica's copy is older than promised."""

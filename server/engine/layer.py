@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import InvalidInput, LayerNotFound, NoRunningStats, RequestAbandoned, VersionConflict
 from .specs import LayerConfig, build_module, spatial_dims
+from .shared import AlreadyApplied, StaleState
 from .store import LayerRecord, StateStore
 
 # torch only warns when an InstanceNorm without affine/running stats sees another channel
@@ -46,6 +47,21 @@ class StateVersion:
 class _Snapshot:
     module: nn.Module  # eval mode; never mutated once published
     version: StateVersion
+
+
+@dataclass(frozen=True)
+class _Committed:
+    version: StateVersion
+    ticket: Any  # the store's durability ticket
+    before: _Snapshot
+    after: nn.Module
+    queued_seconds: float
+    replayed: bool = False
+
+
+# A shared store can answer "moved on" when another replica committed first; each such
+# answer means progress elsewhere, so this bound is only a guard against a broken store.
+_MAX_COMMIT_ATTEMPTS = 1000
 
 
 class ForwardResult(NamedTuple):
@@ -111,11 +127,13 @@ class Layer:
         request_ids: Iterable[tuple[str, int, int]] = (),
         idempotency_window: int = 1024,
         device: torch.device | str = "cpu",
+        incarnation: int = 0,
     ):
         self.name = name
         self.config = config
         self.device = torch.device(device)
         self.deleted = False
+        self.incarnation = incarnation  # shared stores: which creation of this name
         self._store = store if store is not None else StateStore()
         self._write_lock = threading.Lock()
         self._window = idempotency_window
@@ -190,23 +208,74 @@ class Layer:
             # (for those torch gives the same output in both modes).
             snap = self._snapshot
             return ForwardResult(self._run(snap.module, x), snap.version)
-        waited_from = time.perf_counter()
-        with self._write_lock:
-            queued = time.perf_counter() - waited_from
-            self._check_live()
-            snap = self._snapshot
+        outputs: list[torch.Tensor] = []
+
+        def step(snap: _Snapshot) -> nn.Module:
             work = _writable_copy(snap.module)
             work.training = True
-            out = self._run(work, x)
+            outputs[:] = [self._run(work, x)]
             work.training = False
             _check_finite_stats(work)
-            if request_id and request_id in self._ids:
-                return ForwardResult(out, self._ids[request_id], replayed=True, queued_seconds=queued)
-            if still_wanted is not None and not still_wanted():
-                raise RequestAbandoned("request cancelled or past its deadline; state unchanged")
-            version, ticket = self._commit(snap, work, request_id)
-        self._store.wait_durable(ticket)
-        return ForwardResult(out, version, queued_seconds=queued, drift=_drift(snap.module, work))
+            return work
+
+        waited_from = time.perf_counter()
+        done = self._update(step, request_id=request_id, still_wanted=still_wanted, waited_from=waited_from)
+        result = ForwardResult(outputs[0], done.version, done.replayed, done.queued_seconds)
+        if done.replayed:
+            return result
+        self._store.wait_durable(done.ticket)
+        return result._replace(drift=_drift(done.before.module, done.after))
+
+    def _update(
+        self,
+        step: Callable[[_Snapshot], nn.Module],
+        expected_version: Optional[int] = None,
+        request_id: str = "",
+        still_wanted: Optional[Callable[[], bool]] = None,
+        waited_from: float = 0.0,
+    ) -> "_Committed":
+        """Under the write lock: compute the next state with `step(current)` and commit it.
+        A shared store may answer that another replica moved the layer on: then its state
+        is installed and `step` runs again on it (each retry means another replica made
+        progress, so this ends; the bound only guards against a pathological store)."""
+        with self._write_lock:
+            queued = time.perf_counter() - waited_from if waited_from else 0.0
+            for _ in range(_MAX_COMMIT_ATTEMPTS):
+                self._check_live()
+                snap = self._snapshot
+                self._check_expected(snap, expected_version)
+                work = step(snap)
+                if request_id and request_id in self._ids:
+                    return _Committed(self._ids[request_id], None, snap, work, queued, replayed=True)
+                if still_wanted is not None and not still_wanted():
+                    raise RequestAbandoned("request cancelled or past its deadline; state unchanged")
+                try:
+                    version, ticket = self._commit(snap, work, request_id)
+                except StaleState as stale:
+                    self._install(stale.record)
+                    continue
+                except AlreadyApplied as done:
+                    applied = StateVersion(done.version, done.num_batches_tracked)
+                    return _Committed(applied, None, snap, work, queued, replayed=True)
+                except LayerNotFound:
+                    self.deleted = True
+                    raise
+                return _Committed(version, ticket, snap, work, queued)
+        raise VersionConflict(
+            f"layer {self.name!r} changed {_MAX_COMMIT_ATTEMPTS} times while this update was computed; "
+            "nothing was applied, retry"
+        )
+
+    def install(self, record: LayerRecord) -> None:
+        """Adopt a newer state another replica committed (shared stores only)."""
+        with self._write_lock:
+            self._install(record)
+
+    def _install(self, record: LayerRecord) -> None:
+        snap = self._snapshot
+        if record.version > snap.version.version:
+            work = self._loaded(snap.module, record.state)
+            self._snapshot = _Snapshot(work, _state_version(work, record.version))
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The output stays on the layer's device; the codec moves it when encoding."""
@@ -234,14 +303,18 @@ class Layer:
             )
 
     def _commit(self, snap: _Snapshot, work: nn.Module, request_id: str = "") -> tuple[StateVersion, Any]:
-        """Publish `work` as the next state and append its record (caller holds the write
-        lock); returns the new version and the store's durability ticket."""
+        """Publish `work` as the next state and record it in the store (caller holds the
+        write lock); returns the new version and the store's durability ticket."""
         version = _state_version(work, snap.version.version + 1)
-        if request_id:
-            self._ids[request_id] = version
-            while len(self._ids) > self._window:
-                self._ids.popitem(last=False)
         new = _Snapshot(work, version)
+        if self._store.shared:
+            # The store decides: publish only what it accepted.
+            store: Any = self._store
+            store.commit(self._make_record(new, (), True), self.incarnation, snap.version.version, request_id, self._window)
+            self._remember(request_id, version)
+            self._snapshot = new
+            return version, None
+        self._remember(request_id, version)
         self._snapshot = new
         try:
             ids = ((request_id, version.version, version.num_batches_tracked),) if request_id else ()
@@ -251,6 +324,12 @@ class Layer:
             self._ids.pop(request_id, None)
             raise
         return version, ticket
+
+    def _remember(self, request_id: str, version: StateVersion) -> None:
+        if request_id:
+            self._ids[request_id] = version
+            while len(self._ids) > self._window:
+                self._ids.popitem(last=False)
 
     def mark_deleted(self) -> Any:
         """Stop accepting changes and log the deletion; returns the durability ticket."""
@@ -279,13 +358,9 @@ class Layer:
     # -- state changes ---------------------------------------------------------------
     def load_state(self, state: Mapping[str, torch.Tensor], expected_version: Optional[int] = None) -> StateVersion:
         """Replace the state, strictly like module.load_state_dict(strict=True)."""
-        with self._write_lock:
-            self._check_live()
-            snap = self._snapshot
-            self._check_expected(snap, expected_version)
-            version, ticket = self._commit(snap, self._loaded(snap.module, state))
-        self._store.wait_durable(ticket)
-        return version
+        done = self._update(lambda snap: self._loaded(snap.module, state), expected_version)
+        self._store.wait_durable(done.ticket)
+        return done.version
 
     def _loaded(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A copy of `module` holding `state` (validated: keys, shapes, dtypes, finite)."""
@@ -323,15 +398,15 @@ class Layer:
     def reset_running_stats(self, expected_version: Optional[int] = None) -> StateVersion:
         if not self.has_running_stats:
             raise NoRunningStats(f"layer {self.name!r} ({self.kind}) keeps no running statistics")
-        with self._write_lock:
-            self._check_live()
-            snap = self._snapshot
-            self._check_expected(snap, expected_version)
+
+        def step(snap: _Snapshot) -> nn.Module:
             work = _writable_copy(snap.module)
             work.reset_running_stats()
-            version, ticket = self._commit(snap, work)
-        self._store.wait_durable(ticket)
-        return version
+            return work
+
+        done = self._update(step, expected_version)
+        self._store.wait_durable(done.ticket)
+        return done.version
 
 
 def _check_shape(config: LayerConfig, shape: tuple[int, ...]) -> None:

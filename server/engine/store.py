@@ -186,6 +186,8 @@ def write_atomically(path: str, data: bytes) -> None:
 class StateStore:
     """Where layer state goes when it changes. This base keeps nothing (in-memory only)."""
 
+    shared = False  # True: the store, not this process, holds the truth (see shared.py)
+
     def recover(self) -> list[LayerRecord]:
         return []
 

@@ -26,6 +26,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # A failed test-and-set: gRPC's guidance is ABORTED ("retry at a higher level":
     # re-read the state, then try again), not FAILED_PRECONDITION.
     (e.VersionConflict, grpc.StatusCode.ABORTED),
+    # The shared store is away: transient, and the SDK retries (train ids keep it exactly-once).
+    (e.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (TensorElementsExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -35,6 +35,9 @@ VALID = {
     "durability": ("interval", "interval"),
     "flush_interval_seconds": ("0.25", 0.25),
     "idempotency_window": ("16", 16),
+    "store": ("redis://user:secret@redis.internal:6380/2", "redis://user:secret@redis.internal:6380/2"),
+    "store_prefix": ("team-a:norm", "team-a:norm"),
+    "store_refresh_seconds": ("0.1", 0.1),
     "max_streams": ("2", 2),
     "max_layer_state_bytes": ("4096", 4096),
     "drain_seconds": ("0.5", 0.5),
@@ -200,6 +203,13 @@ def test_unparseable_env_values_rejected(var, raw):
         ("torch_threads", -1),
         ("log_level", "verbose"),
         ("log_level", ""),
+        ("store", "postgresql://db/normserve"),
+        ("store", "/var/lib/normserve"),
+        ("store_prefix", ""),
+        ("store_prefix", "a b"),
+        ("store_refresh_seconds", 0),
+        ("store_refresh_seconds", float("nan")),
+        ("store_refresh_seconds", 61),
     ],
 )
 def test_out_of_range_values_rejected(field, value):
