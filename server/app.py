@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from normserve.client._proto import normserve_pb2 as pb
 
 from . import logs
-from .engine import DiskStore, RedisStore, Registry, StateDirInUse, StateStore, StoreUnavailable
+from .engine import DiskStore, RedisStore, Registry, SharedStore, StateDirInUse, StateStore, StoreUnavailable
 from .metrics import Metrics
 from .settings import Settings
 from .transport.auth import Authorizer
@@ -104,6 +104,10 @@ class NormServer:
         self._server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if isinstance(self.store, SharedStore):
+            threading.Thread(
+                target=self._follow_store_health, args=(self.store,), name="normserve-store-health", daemon=True
+            ).start()
         metrics_at = (
             f"http://{host_port(s.metrics_host, self.metrics_port)}/metrics" if self.metrics_port is not None else "off"
         )
@@ -117,6 +121,20 @@ class NormServer:
                 "layer. Set --tls-cert/--tls-key and --tokens-file.",
                 s.host, " OR ".join(w for w, on in (("TLS", s.tls_cert), ("TOKENS", self.auth.enabled)) if not on),
             )
+
+    def _follow_store_health(self, store: SharedStore) -> None:
+        """The health of NormService follows the shared store: NOT_SERVING while this
+        replica's copy is past the staleness bound (take it out of rotation: readiness),
+        while "" stays SERVING (liveness: restarting the replica would not bring Redis back)."""
+        serving = True
+        while not self._stopped.wait(store.refresh_seconds / 2):
+            fresh = store.sync_age() <= 2 * store.refresh_seconds
+            if fresh != serving:
+                serving = fresh
+                status = health_pb2.HealthCheckResponse.SERVING if fresh else health_pb2.HealthCheckResponse.NOT_SERVING
+                self.health.set(SERVICE_NAME, status)
+                log.warning("%s health: %s (shared store %s)", SERVICE_NAME, "SERVING" if fresh else "NOT_SERVING",
+                            "reachable" if fresh else "unreachable, copy past the staleness bound")
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Graceful: health NOT_SERVING (still serving for `drain_seconds`, so load balancers

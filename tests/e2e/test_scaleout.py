@@ -31,6 +31,7 @@ from test_parity import MODES, TOL, as_tensor, assert_state_equal
 
 pytestmark = pytest.mark.e2e
 
+SERVICE = "normserve.v1.NormService"
 REFRESH = 0.25  # store_refresh_seconds for these replicas
 BOUND = 2 * REFRESH  # the documented staleness bound
 TIGHT = dict(rtol=1e-9, atol=1e-9)
@@ -303,8 +304,12 @@ def test_replicas_refuse_stale_reads_while_the_store_is_away_and_recover(name):
             time.sleep(BOUND + 0.1)
             with pytest.raises(UnavailableError, match="stale"):
                 c.normalize(name, x, "eval")
+            # Readiness (the service's health) follows the store; liveness ("") does not.
+            wait_for(lambda: c.health(SERVICE) == "NOT_SERVING", BOUND, "NormService NOT_SERVING")
+            assert c.health("") == "SERVING"
             own.restart()
             wait_for(lambda: _serves(c, name, x), 10, "serving again after the store came back")
+            wait_for(lambda: c.health(SERVICE) == "SERVING", BOUND, "NormService SERVING again")
             assert c.get_layer(name).state.version == 1  # the update acknowledged before the outage
     finally:
         replica.stop()

@@ -7,6 +7,7 @@ import re
 
 import yaml
 
+from normserve.server.app import SERVICE_NAME
 from normserve.server.settings import Settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -115,6 +116,9 @@ def test_k8s_deployment_runs_replicas_with_grpc_probes_on_the_server_defaults():
     Settings.load(environ=env)  # every value is valid
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["grpc"]["port"] == DEFAULTS.port, probe  # the standard health service
+    # Readiness follows the store (the service's own health), liveness only the process.
+    assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["livenessProbe"]["grpc"].get("service", "") == ""
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(DEFAULTS.metrics_port)
     uid = re.search(r"useradd .*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1)
     assert container["securityContext"]["runAsUser"] == int(uid)
