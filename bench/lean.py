@@ -13,6 +13,9 @@ see train mode), which is how bench/run.py uses it.
 Only CreateLayer (BatchNorm1d/2d/3d from the spec, optional strict initial state),
 DeleteLayer, Normalize and NormalizeStream are implemented.
 
+`--aio` runs the same servicer in a grpc.aio server (one event loop) instead of a
+ThreadPoolExecutor server: bench/run.py's path f, to choose the server's model by measurement.
+
 It prints `lean serving port=N` on stdout once bound, and stops on SIGTERM/SIGINT or when
 its parent process goes away. `LeanProcess` starts it; `LeanClient` is the matching
 minimal client (numpy in, numpy out) used by the benchmark.
@@ -117,10 +120,61 @@ class LeanServicer(pb_grpc.NormServiceServicer):
             yield response
 
 
-def serve(host: str, port: int, max_workers: int) -> int:
+class LeanAioServicer(LeanServicer):
+    """The same work in a grpc.aio server: one event loop, handlers run on it in turn."""
+
+    async def CreateLayer(self, request: pb.CreateLayerRequest, context: Any) -> pb.CreateLayerResponse:  # type: ignore[override]
+        return LeanServicer.CreateLayer(self, request, context)
+
+    async def DeleteLayer(self, request: pb.DeleteLayerRequest, context: Any) -> pb.DeleteLayerResponse:  # type: ignore[override]
+        return LeanServicer.DeleteLayer(self, request, context)
+
+    async def Normalize(self, request: pb.NormalizeRequest, context: Any) -> pb.NormalizeResponse:  # type: ignore[override]
+        response = pb.NormalizeResponse()
+        self._run(request, response)
+        return response
+
+    async def NormalizeStream(self, request_iterator: Any, context: Any) -> Any:  # type: ignore[override]
+        sequence = 0
+        async for request in request_iterator:
+            response = pb.NormalizeStreamResponse(sequence=sequence)
+            self._run(request, response.response)
+            sequence += 1
+            yield response
+
+
+async def _serve_aio(host: str, port: int) -> int:
+    import asyncio
+
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+    pb_grpc.add_NormServiceServicer_to_server(LeanAioServicer(), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        print(f"lean: cannot bind {host}:{port}", file=sys.stderr)
+        return 1
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    print(f"lean serving port={bound}", flush=True)
+    while not stop.is_set() and os.getppid() == parent:
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+    await server.stop(1)
+    return 0
+
+
+def serve(host: str, port: int, max_workers: int, aio: bool = False) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if aio:
+        import asyncio
+
+        return asyncio.run(_serve_aio(host, port))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
@@ -148,8 +202,9 @@ def serve(host: str, port: int, max_workers: int) -> int:
 class LeanProcess:
     """Runs this file as its own process on 127.0.0.1, port 0."""
 
-    def __init__(self, max_workers: int = 32, startup_timeout: float = 60.0):
+    def __init__(self, max_workers: int = 32, startup_timeout: float = 60.0, aio: bool = False):
         self.max_workers = max_workers
+        self.aio = aio
         self.startup_timeout = startup_timeout
         self.proc: Optional[subprocess.Popen[str]] = None
         self.target = ""
@@ -163,6 +218,8 @@ class LeanProcess:
 
     def start(self) -> "LeanProcess":
         cmd = [sys.executable, os.path.abspath(__file__), "--port", "0", "--max-workers", str(self.max_workers)]
+        if self.aio:
+            cmd.append("--aio")
         # Own session: a Ctrl-C in the terminal reaches the benchmark, which then stops
         # this server itself (SIGTERM); the server also exits when its parent is gone.
         self.proc = subprocess.Popen(
@@ -273,8 +330,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-workers", type=int, default=32)
+    parser.add_argument("--aio", action="store_true", help="a grpc.aio server instead of the threaded one")
     args = parser.parse_args(argv)
-    return serve(args.host, args.port, args.max_workers)
+    return serve(args.host, args.port, args.max_workers, args.aio)
 
 
 if __name__ == "__main__":
