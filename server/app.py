@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from normserve.client._proto import normserve_pb2 as pb
 
 from . import logs
-from .engine import DiskStore, Registry, StateDirInUse, StateStore
+from .engine import DiskStore, EvalBatching, Registry, StateDirInUse, StateStore
 from .metrics import Metrics
 from .settings import Settings
 from .transport.auth import Authorizer
@@ -66,6 +66,11 @@ class NormServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.auth = Authorizer(settings.tokens_file)
+        self.batching = (
+            EvalBatching(settings.batch_max_size, settings.batch_max_delay_ms / 1e3, self.metrics.observe_eval_batch)
+            if settings.batching == "on"
+            else None
+        )
         servicer = NormServicer(
             self.layers,
             self.metrics,
@@ -74,6 +79,7 @@ class NormServer:
             settings.stream_limit,
             settings.stream_idle_seconds,
             settings.max_tensor_rank,
+            self.batching,
         )
         add_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -89,6 +95,11 @@ class NormServer:
         restored = self.layers.recover()
         where = "memory only" if s.resolved_state_dir == MEMORY else f"{s.resolved_state_dir}, durability={s.durability}"
         log.info("state: %s; %d layer(s) restored; layers compute on %s", where, restored, self.device)
+        if self.batching is None:
+            log.info("eval batching: off")
+        else:
+            log.info("eval batching: on (at most %d samples per forward, max delay %g ms)",
+                     s.batch_max_size, s.batch_max_delay_ms)
         address = host_port(s.host, s.port)
         credentials = _server_credentials(s)
         if credentials is None:

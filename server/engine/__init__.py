@@ -11,6 +11,7 @@ from .errors import (
     RequestAbandoned,
     VersionConflict,
 )
+from .batching import EvalBatching, batchable
 from .layer import ForwardResult, Layer, StateVersion
 from .registry import Registry
 from .specs import KINDS, LayerConfig, make_config
@@ -20,6 +21,7 @@ __all__ = [
     "DURABILITY_MODES",
     "KINDS",
     "DiskStore",
+    "EvalBatching",
     "ForwardResult",
     "LayerRecord",
     "StateDirInUse",
@@ -37,5 +39,6 @@ __all__ = [
     "Registry",
     "RequestAbandoned",
     "StateVersion",
+    "batchable",
     "make_config",
 ]
