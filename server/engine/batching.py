@@ -16,9 +16,11 @@ that one snapshot and reports its version.
 
 Not batched (run alone, as before): inputs whose dim 0 is not a batch dimension
 (unbatched InstanceNorm input, a LayerNorm/RMSNorm input that is exactly
-`normalized_shape`), and BatchNorm layers with track_running_stats=False, whose eval mode
-normalizes with the statistics of the whole batch. If a batched forward fails, its members
-run alone so that each gets its own result or error.
+`normalized_shape`); BatchNorm layers with track_running_stats=False, whose eval mode
+normalizes with the statistics of the whole batch; inputs over SOLO_ELEMENTS elements or
+`max_size` samples. If a batched forward fails, its members run alone so that each gets
+its own result or error. A queued request whose caller goes away (cancellation, deadline)
+leaves the queue with RequestAbandoned.
 """
 
 from __future__ import annotations
@@ -252,14 +254,14 @@ class EvalBatching:
         self._queues: "weakref.WeakKeyDictionary[Layer, _LayerQueue]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def forward(self, layer: "Layer", x: torch.Tensor, still_wanted: Optional[Callable[[], bool]] = None) -> "ForwardResult":
-        """Eval `x` (validated by the layer) through `layer`, batched with concurrent
-        requests where that is exact."""
-        if x.shape[0] > self.max_size or x.numel() > SOLO_ELEMENTS or not batchable(layer.config, x):
-            from .layer import ForwardResult
+    def accepts(self, config: LayerConfig, x: torch.Tensor) -> bool:
+        """Whether an eval of `x` (validated for the layer) goes through the queue; the
+        others run alone, directly."""
+        return x.shape[0] <= self.max_size and x.numel() <= SOLO_ELEMENTS and batchable(config, x)
 
-            snap = layer._snapshot
-            return ForwardResult(layer._run(snap.module, x), snap.version)
+    def forward(self, layer: "Layer", x: torch.Tensor, still_wanted: Optional[Callable[[], bool]] = None) -> "ForwardResult":
+        """Eval `x` (validated by the layer and accepted) through `layer`, batched with
+        concurrent requests."""
         queue = self._queues.get(layer)
         if queue is None:
             with self._lock:

@@ -193,7 +193,7 @@ class Layer:
         (engine/batching.py); train requests never are.
         """
         self._check_input(x, train)
-        if batching is not None and not train:
+        if batching is not None and not train and batching.accepts(self.config, x):
             return batching.forward(self, x, still_wanted)
         if not (train and self.has_running_stats):
             # Nothing to update: eval, or a kind whose train mode changes no state
