@@ -150,9 +150,9 @@ class _LayerQueue:
         """Form a batch around `leader`, run it, answer its members, hand over."""
         batching = self._batching
         limit = batching.max_size
+        members = [leader]
         try:
             with self._lock:
-                members = [leader]
                 samples = self._take(members, leader.samples, limit)
                 if batching.max_delay > 0 and samples < limit:
                     deadline = time.perf_counter() + batching.max_delay
@@ -166,7 +166,13 @@ class _LayerQueue:
                     finally:
                         self._delaying = False
             self._run(layer, members)
+        except BaseException as e:  # noqa: BLE001 - every member, the leader included, gets it
+            for r in members:
+                if r.result is None and r.error is None:
+                    r.error = e
         finally:
+            for r in members[1:]:
+                r.wake.release()
             self._hand_over()
 
     def _take(self, members: list[_Request], samples: int, limit: int) -> int:
@@ -195,6 +201,8 @@ class _LayerQueue:
         successor.wake.release()
 
     def _run(self, layer: "Layer", members: list[_Request]) -> None:
+        """One snapshot, one forward (or, if that fails, one per member); sets each
+        member's result or error."""
         from .layer import ForwardResult
 
         started = time.perf_counter()
@@ -204,35 +212,27 @@ class _LayerQueue:
                 r.error = RequestAbandoned("request cancelled or past its deadline while queued for batching")
             else:
                 live.append(r)
+        if not live:
+            return
         snap = layer._snapshot  # one snapshot for the whole batch
         queued = [started - r.enqueued for r in live]
-        try:
-            if len(live) == 1:
-                r = live[0]
-                r.result = ForwardResult(layer._run(snap.module, r.x), snap.version, queued_seconds=queued[0])
-            elif live:
+        out = None
+        if len(live) > 1:
+            try:
+                out = layer._run(snap.module, torch.cat([r.x for r in live]))
+            except Exception:  # noqa: BLE001 - retried member by member below
+                out = None
+        if out is not None and out.shape[0] == sum(r.samples for r in live):
+            for r, part, q in zip(live, out.split([r.samples for r in live]), queued):
+                r.result = ForwardResult(part, snap.version, queued_seconds=q)
+        else:  # alone: each member gets its own output or its own error
+            for r, q in zip(live, queued):
                 try:
-                    out = layer._run(snap.module, torch.cat([r.x for r in live]))
-                except Exception:
-                    out = None
-                if out is not None and out.shape[0] == sum(r.samples for r in live):
-                    for r, part, q in zip(live, out.split([r.samples for r in live]), queued):
-                        r.result = ForwardResult(part, snap.version, queued_seconds=q)
-                else:  # each member alone: its own output or its own error
-                    for r, q in zip(live, queued):
-                        try:
-                            r.result = ForwardResult(layer._run(snap.module, r.x), snap.version, queued_seconds=q)
-                        except BaseException as e:  # noqa: BLE001 - handed to that request's caller
-                            r.error = e
-        except BaseException as e:  # noqa: BLE001 - the leader's own request raises it below
-            for r in live:
-                if r.result is None and r.error is None:
+                    r.result = ForwardResult(layer._run(snap.module, r.x), snap.version, queued_seconds=q)
+                except Exception as e:  # noqa: BLE001 - handed to that request's caller
                     r.error = e
-        finally:
-            for r in members[1:]:
-                r.wake.release()
         observer = self._batching.observer
-        if observer is not None and live:
+        if observer is not None:
             observer(layer.kind, len(live), sum(r.samples for r in live), queued)
 
 
