@@ -24,8 +24,8 @@ sets the same levels for every workload), through these paths:
                     client; no validation, metrics or state store
     c  unary        normserve via the SDK, Client.normalize, server with --batching off
     f  c+batch      the same against a second normserve server with --batching on
-                    (dynamic batching of concurrent eval requests); a last table gives
-                    f's req/s and p50 as ratios to c's (batching on / off)
+                    (dynamic batching of concurrent eval requests); a last table sets
+                    f's req/s, p50 and p99 beside c's, with the req/s ratio on / off
     d  stream       normserve via the SDK, Client.normalize_stream: one stream per client
                     for the whole cell, at most --stream-depth (8) messages in flight
     e  lean_stream  (not in the default set) the lean server's NormalizeStream

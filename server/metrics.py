@@ -186,7 +186,7 @@ class Metrics:
                 self._drift_layers.add(layer)
             self.train_drift.labels(layer if layer in self._drift_layers else "_other").observe(result.drift)
 
-    def observe_eval_batch(self, kind: str, requests: int, samples: int, queued: Sequence[float]) -> None:
+    def observe_eval_batch(self, kind: str, requests: int, queued: Sequence[float]) -> None:
         """One forward of the eval batching queue (engine/batching.py) and its requests'
         queue times."""
         self._child(self.batch_requests, kind).observe(requests)

@@ -49,9 +49,9 @@ SOLO_ELEMENTS = 8192
 # How often a queued request checks whether its caller is still waiting for it.
 _POLL_SECONDS = 0.05
 
-# Called once per forward a batcher runs: (layer kind, requests, samples, each request's
-# queue time in seconds).
-BatchObserver = Callable[[str, int, int, Sequence[float]], None]
+# Called once per forward a batcher runs: (layer kind, requests, each request's queue time
+# in seconds).
+BatchObserver = Callable[[str, int, Sequence[float]], None]
 
 
 def batchable(config: LayerConfig, x: torch.Tensor) -> bool:
@@ -117,7 +117,7 @@ class _LayerQueue:
                 self._hand_over()
             observer = self._batching.observer
             if observer is not None:
-                observer(layer.kind, 1, x.shape[0], (0.0,))
+                observer(layer.kind, 1, (0.0,))
             return result
         self._wait(request)
         if request.lead:
@@ -233,7 +233,7 @@ class _LayerQueue:
                     r.error = e
         observer = self._batching.observer
         if observer is not None:
-            observer(layer.kind, len(live), sum(r.samples for r in live), queued)
+            observer(layer.kind, len(live), queued)
 
 
 @dataclass
