@@ -6,6 +6,7 @@
   running statistics, every eval matching the state of the version it reports) holds with
   batching on.
 - A bad request in a crowd of good ones gets its own precise error; the others succeed.
+- Concurrent eval streams are batched exactly too.
 - The batching metrics are populated.
 """
 
@@ -176,4 +177,27 @@ def test_a_bad_request_in_a_crowd_gets_its_own_error(batch_server, name):
     with torch.no_grad():
         for records in results:
             for x, out in records:
+                assert torch.equal(out, reference(x))
+
+
+def test_concurrent_streams_are_batched_exactly(batch_server, name):
+    """Stream messages go through the same queue: several eval streams at once get, in
+    order, exactly torch eval's outputs."""
+    reference = nn.GroupNorm(2, 4)
+    reference.load_state_dict(random_state(reference, seed=3))
+    reference.eval()
+    with Client(batch_server.target, timeout=30) as c:
+        c.create_layer(name, "GroupNorm", num_groups=2, num_channels=4)
+        c.load_state(name, reference.state_dict())
+
+    def streamer(i):
+        g = torch.Generator().manual_seed(50 + i)
+        xs = [torch.randn(1 + k % 2, 4, 3, generator=g) for k in range(30)]
+        with Client(batch_server.target, timeout=30) as c:
+            return xs, list(c.normalize_stream(name, xs, mode="eval"))
+
+    with torch.no_grad():
+        for xs, outs in run_threads(6, streamer):
+            assert len(outs) == len(xs)
+            for x, out in zip(xs, outs):
                 assert torch.equal(out, reference(x))
