@@ -82,7 +82,7 @@ def _unary_call(spec: dict, x: np.ndarray) -> tuple[Callable[[], Any], Callable[
 
         lean = LeanClient(spec["target"])
         return (lambda: lean.normalize(layer, x, mode)), lean.close
-    if path == "unary":
+    if path in ("unary", "unary_batch"):
         from normserve.client import Client
 
         client = Client(spec["target"])

@@ -22,7 +22,10 @@ sets the same levels for every workload), through these paths:
     b  lean         THE BASELINE: bench/lean.py, a minimal grpcio server (own process,
                     ThreadPoolExecutor(32), 64 MiB messages, torch.set_num_threads(1)) and
                     client; no validation, metrics or state store
-    c  unary        normserve via the SDK, Client.normalize
+    c  unary        normserve via the SDK, Client.normalize, server with --batching off
+    f  c+batch      the same against a second normserve server with --batching on
+                    (dynamic batching of concurrent eval requests); a last table sets
+                    f's req/s, p50 and p99 beside c's, with the req/s ratio on / off
     d  stream       normserve via the SDK, Client.normalize_stream: one stream per client
                     for the whole cell, at most --stream-depth (8) messages in flight
     e  lean_stream  (not in the default set) the lean server's NormalizeStream
@@ -105,10 +108,18 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "W4": {"kind": "BatchNorm2d", "num_features": 64, "eval": (8, 64, 56, 56), "train": (8, 64, 56, 56), "clients": (1, 4)},
 }
 MODES = ("eval", "train")
-PATHS = {"a": "inproc", "b": "lean", "c": "unary", "d": "stream", "e": "lean_stream"}
-LABELS = {"inproc": "a inproc", "lean": "b lean", "unary": "c unary", "stream": "d stream", "lean_stream": "e lean-strm"}
+PATHS = {"a": "inproc", "b": "lean", "c": "unary", "d": "stream", "e": "lean_stream", "f": "unary_batch"}
+LABELS = {
+    "inproc": "a inproc",
+    "lean": "b lean",
+    "unary": "c unary",
+    "stream": "d stream",
+    "lean_stream": "e lean-strm",
+    "unary_batch": "f c+batch",
+}
+NORMSERVE_PATHS = ("unary", "stream", "unary_batch")
 BASELINE = "lean"
-_KEY = {"inproc": "a", "lean": "b", "unary": "c", "stream": "d", "lean_stream": "e"}
+_KEY = {"inproc": "a", "lean": "b", "unary": "c", "stream": "d", "lean_stream": "e", "unary_batch": "f"}
 CELL_TIMEOUT_PAD_S = 120.0  # beyond --seconds, per cell phase
 
 
@@ -235,11 +246,11 @@ def seed_for(wl: str, mode: str, i: int) -> int:
 
 
 # -- servers -------------------------------------------------------------------------------
-def start_normserve(durability: str) -> Any:
+def start_normserve(durability: str, *extra: str) -> Any:
     """`normserve serve` on 127.0.0.1:0 via tests/serverproc.py; fails loudly if it exits."""
     from serverproc import ServerProcess
 
-    server = ServerProcess("--durability", durability, "--metrics-port", "-1")
+    server = ServerProcess("--durability", durability, "--metrics-port", "-1", *extra)
     server.start()
     if not server.target or server.proc is None or server.proc.poll() is not None:
         code = server.stop()
@@ -250,32 +261,37 @@ def start_normserve(durability: str) -> Any:
 class Servers:
     def __init__(self, durability: str):
         self.durability = durability
-        self.normserve: Any = None
+        self.normserve: Any = None  # --batching off
+        self.normserve_batch: Any = None  # --batching on
         self.lean: Any = None
 
-    def start(self, need_normserve: bool, need_lean: bool) -> None:
+    def start(self, need_normserve: bool, need_lean: bool, need_normserve_batch: bool = False) -> None:
         from lean import LeanProcess
 
         if need_normserve:
-            self.normserve = start_normserve(self.durability)
+            self.normserve = start_normserve(self.durability, "--batching", "off")
+        if need_normserve_batch:
+            self.normserve_batch = start_normserve(self.durability, "--batching", "on")
         if need_lean:
             self.lean = LeanProcess().start()
 
     def pid_for(self, path: str) -> Optional[int]:
         if path in ("unary", "stream"):
             return self.normserve.proc.pid
+        if path == "unary_batch":
+            return self.normserve_batch.proc.pid
         if path in ("lean", "lean_stream"):
             return self.lean.pid
         return None
 
     def stop(self) -> None:
-        for server in (self.lean, self.normserve):
+        for server in (self.lean, self.normserve, self.normserve_batch):
             if server is not None:
                 try:
                     server.stop()
                 except Exception as e:  # noqa: BLE001 - keep stopping the others
                     _log(f"warning: stopping a server failed: {e}")
-        self.lean = self.normserve = None
+        self.lean = self.normserve = self.normserve_batch = None
 
 
 # -- one cell ------------------------------------------------------------------------------
@@ -292,10 +308,10 @@ def run_cell(
     warmup = args.warmup if wl != "W3" else args.warmup_w3
     target = ""
     ns_client = lean_client = None
-    if path in ("unary", "stream"):
+    if path in NORMSERVE_PATHS:
         from normserve.client import Client
 
-        target = servers.normserve.target
+        target = (servers.normserve_batch if path == "unary_batch" else servers.normserve).target
         ns_client = Client(target, timeout=60)
         ns_client.create_layer(layer, reference_module(wl))
     elif path in ("lean", "lean_stream"):
@@ -494,7 +510,8 @@ def table(
     legend = {
         "inproc": "a = in-process torch (no transport)",
         "lean": "b = lean gRPC baseline",
-        "unary": "c = normserve SDK unary",
+        "unary": "c = normserve SDK unary (batching off)",
+        "unary_batch": "f = c with batching on",
         "stream": "d = normserve SDK stream",
         "lean_stream": "e = lean stream",
     }
@@ -538,6 +555,29 @@ def cpu_table(
                     rtxt = f"({_fmt_ratio(c['server_cpu_ms_per_req'] / base)})" if base else ""
                     row.append(f"{_fmt_ms(c['server_cpu_ms_per_req']):>7} {rtxt:<7}")
             lines.append(f"{wl + ' ' + mode:<14}|" + "|".join(f"{r:^{col_w}}" for r in row))
+    return "\n".join(lines)
+
+
+def batching_table(cells: list[dict]) -> str:
+    """Path f (batching on) against path c (batching off), cell by cell: both ran back to
+    back in the same run, so their ratio is the figure that counts."""
+    by_key = {(c["workload"], c["mode"], c["clients"], c["path"]): c for c in cells}
+    lines = [
+        "dynamic batching: f (on) vs c (off), unary",
+        f"{'workload mode':<14}|{'clients':^9}|{'c req/s':>10} |{'f req/s':>10} |{'on/off':>8} |"
+        f"{'c p50 ms':>10} |{'f p50 ms':>10} |{'c p99 ms':>10} |{'f p99 ms':>10}",
+    ]
+    lines.append("-" * len(lines[-1]))
+    for (wl, mode, clients, path), on in by_key.items():
+        off = by_key.get((wl, mode, clients, "unary"))
+        if path != "unary_batch" or off is None:
+            continue
+        ratio = on["req_s"] / off["req_s"] if off["req_s"] else float("nan")
+        lines.append(
+            f"{wl + ' ' + mode:<14}|{clients:^9}|{_fmt_rate(off['req_s']):>10} |{_fmt_rate(on['req_s']):>10} |"
+            f"{ratio:>8.2f} |{_fmt_ms(off['p50_ms'] or 0):>10} |{_fmt_ms(on['p50_ms'] or 0):>10} |"
+            f"{_fmt_ms(off['p99_ms'] or 0):>10} |{_fmt_ms(on['p99_ms'] or 0):>10}"
+        )
     return "\n".join(lines)
 
 
@@ -642,7 +682,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--clients", default="", help="client levels for every workload, e.g. 1,4 (default 1,4; W1 1,16)")
     p.add_argument("--seconds", type=float, default=None, help="timed seconds per cell (default 2.0; --quick 0.3)")
     p.add_argument("--modes", default="eval,train", help="modes to run (default eval,train)")
-    p.add_argument("--paths", default="a,b,c,d", help="paths to run: a inproc, b lean, c unary, d stream, e lean stream")
+    p.add_argument(
+        "--paths",
+        default="a,b,c,d,f",
+        help="paths to run: a inproc, b lean, c unary (batching off), d stream, e lean stream, f unary with batching on",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--processes", dest="processes", action="store_true", default=True, help="clients are processes (default)")
     g.add_argument("--threads", dest="processes", action="store_false", help="clients are threads of this process")
@@ -727,6 +771,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             paths = []
         servers.start(
             need_normserve=any(p in ("unary", "stream") for p in paths),
+            need_normserve_batch="unary_batch" in paths,
             need_lean=any(p in ("lean", "lean_stream") for p in paths),
         )
         for wl in args.workloads if paths else ():
@@ -775,6 +820,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if any(c.get("server_cpu_ms_per_req") is not None for c in cells):
             _log("")
             _log(cpu_table(cells, args.workloads, args.modes, args.levels, columns))
+        if any(c["path"] == "unary_batch" for c in cells) and any(c["path"] == "unary" for c in cells):
+            _log("")
+            _log(batching_table(cells))
     _log(
         f"\n{len(cells)} cells in {elapsed:.1f} s; clients as {'processes' if args.processes else 'threads'}; "
         f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}"

@@ -18,7 +18,16 @@ from grpc_reflection.v1alpha import reflection
 from normserve.client._proto import normserve_pb2 as pb
 
 from . import logs
-from .engine import DiskStore, RedisStore, Registry, SharedStore, StateDirInUse, StateStore, StoreUnavailable
+from .engine import (
+    DiskStore,
+    EvalBatching,
+    RedisStore,
+    Registry,
+    SharedStore,
+    StateDirInUse,
+    StateStore,
+    StoreUnavailable,
+)
 from .metrics import Metrics
 from .settings import Settings
 from .transport.auth import Authorizer
@@ -61,6 +70,11 @@ class NormServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.auth = Authorizer(settings.tokens_file)
+        self.batching = (
+            EvalBatching(settings.batch_max_size, settings.batch_max_delay_ms / 1e3, self.metrics.observe_eval_batch)
+            if settings.batching == "on"
+            else None
+        )
         servicer = NormServicer(
             self.layers,
             self.metrics,
@@ -69,6 +83,7 @@ class NormServer:
             settings.stream_limit,
             settings.stream_idle_seconds,
             settings.max_tensor_rank,
+            self.batching,
         )
         add_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -91,6 +106,11 @@ class NormServer:
             else f"{s.resolved_state_dir}, durability={s.durability}"
         )
         log.info("state: %s; %d layer(s) restored; layers compute on %s", where, restored, self.device)
+        if self.batching is None:
+            log.info("eval batching: off")
+        else:
+            log.info("eval batching: on (at most %d samples per forward, max delay %g ms)",
+                     s.batch_max_size, s.batch_max_delay_ms)
         address = host_port(s.host, s.port)
         credentials = _server_credentials(s)
         if credentials is None:

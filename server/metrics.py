@@ -8,7 +8,7 @@ name) so cardinality stays bounded.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -141,6 +141,20 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_queue_duration = Histogram(
+            "normserve_batch_queue_duration_seconds",
+            "Time an eval request waited in its layer's batching queue before its forward started",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "normserve_batch_requests",
+            "Eval requests computed together in one forward by dynamic batching",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.train_drift = Histogram(
             "normserve_train_drift",
             "Distance of each train batch's mean from the running mean before the update, in running "
@@ -185,6 +199,14 @@ class Metrics:
             if layer not in self._drift_layers and len(self._drift_layers) < self._max_labelled_layers:
                 self._drift_layers.add(layer)
             self.train_drift.labels(layer if layer in self._drift_layers else "_other").observe(result.drift)
+
+    def observe_eval_batch(self, kind: str, requests: int, queued: Sequence[float]) -> None:
+        """One forward of the eval batching queue (engine/batching.py) and its requests'
+        queue times."""
+        self._child(self.batch_requests, kind).observe(requests)
+        queue = self._child(self.batch_queue_duration, kind)
+        for seconds in queued:
+            queue.observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a daemon thread; returns the bound port."""

@@ -59,6 +59,9 @@ class Settings:
     max_concurrent_rpcs: int = 256
     stream_idle_seconds: float = 300.0
     device: str = "auto"
+    batching: str = "off"
+    batch_max_size: int = 64
+    batch_max_delay_ms: float = 0.0
 
     HELP = {
         "host": "address to listen on for gRPC (use 0.0.0.0 or :: to listen on all interfaces)",
@@ -101,6 +104,11 @@ class Settings:
         "max_concurrent_rpcs": "calls in progress at once, streams included (more get RESOURCE_EXHAUSTED)",
         "stream_idle_seconds": "a stream that sends nothing for this long is cancelled (0: never)",
         "device": "where layers compute: cpu, cuda, cuda:N, or auto (cuda when available)",
+        "batching": "on: concurrent eval requests on one layer may run in one forward (outputs are "
+        "exactly those of solo runs; train is never batched); off: every request runs alone",
+        "batch_max_size": "most samples (sum of dim 0) in one batched eval forward",
+        "batch_max_delay_ms": "how long a batch formed while the layer was busy may wait for more "
+        "requests (0: only those already queued; a request at an idle layer never waits)",
     }
 
     @property
@@ -184,6 +192,12 @@ class Settings:
             raise ValueError(f"stream_idle_seconds must be a finite number >= 0, got {self.stream_idle_seconds}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.batching not in ("on", "off"):
+            raise ValueError(f"batching must be on or off, got {self.batching!r}")
+        if not 1 <= self.batch_max_size <= 1 << 20:
+            raise ValueError(f"batch_max_size must be in [1, {1 << 20}], got {self.batch_max_size}")
+        if not math.isfinite(self.batch_max_delay_ms) or not 0 <= self.batch_max_delay_ms <= 1000:
+            raise ValueError(f"batch_max_delay_ms must be a number in [0, 1000], got {self.batch_max_delay_ms}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -12,6 +12,7 @@ from .errors import (
     StoreUnavailable,
     VersionConflict,
 )
+from .batching import EvalBatching, batchable
 from .layer import ForwardResult, Layer, StateVersion
 from .redis_store import RedisStore
 from .registry import Registry
@@ -23,6 +24,7 @@ __all__ = [
     "DURABILITY_MODES",
     "KINDS",
     "DiskStore",
+    "EvalBatching",
     "ForwardResult",
     "LayerRecord",
     "StateDirInUse",
@@ -43,5 +45,6 @@ __all__ = [
     "StoreUnavailable",
     "RequestAbandoned",
     "StateVersion",
+    "batchable",
     "make_config",
 ]

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from .errors import InvalidInput, LayerNotFound, NoRunningStats, RequestAbandone
 from .specs import LayerConfig, build_module, spatial_dims
 from .shared import AlreadyApplied, StaleState
 from .store import LayerRecord, StateStore
+
+if TYPE_CHECKING:
+    from .batching import EvalBatching
 
 # torch only warns when an InstanceNorm without affine/running stats sees another channel
 # count; the result is still what torch computes, so the warning is noise here.
@@ -70,7 +73,9 @@ class ForwardResult(NamedTuple):
     output: torch.Tensor
     state: StateVersion  # the state the request read (eval) or produced (train)
     replayed: bool = False  # a repeated request id: nothing was applied this time
-    queued_seconds: float = 0.0  # time a train request waited for the layer's write lock
+    # Time a train request waited for the layer's write lock, or a batched eval request
+    # in its layer's batching queue.
+    queued_seconds: float = 0.0
     # Train requests: how far the batch's mean was from the running mean before the update,
     # in running standard deviations, averaged over channels (None when not measurable).
     drift: Optional[float] = None
@@ -212,6 +217,7 @@ class Layer:
         train: bool,
         still_wanted: Optional[Callable[[], bool]] = None,
         request_id: str = "",
+        batching: Optional["EvalBatching"] = None,
     ) -> ForwardResult:
         """Run one batch in train or eval mode.
 
@@ -219,8 +225,12 @@ class Layer:
         False the update is dropped and RequestAbandoned raised. A train `request_id` this
         layer has already applied is answered with the state that application produced and
         the same output (train outputs depend only on the batch), and nothing changes.
+        With `batching`, an eval request may run in one forward with concurrent ones
+        (engine/batching.py); train requests never are.
         """
         self._check_input(x, train)
+        if batching is not None and not train and batching.accepts(self.config, x):
+            return batching.forward(self, x, still_wanted)
         if not (train and self.has_running_stats):
             # Nothing to update: eval, or a kind whose train mode changes no state
             # (for those torch gives the same output in both modes).

@@ -19,7 +19,7 @@ from normserve.client.codec import CodecError
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
-from ..engine import InvalidInput, Registry
+from ..engine import EvalBatching, InvalidInput, Registry
 from ..metrics import Metrics
 from . import convert
 from .auth import Action, Authorizer, Principal, Unauthenticated
@@ -175,7 +175,9 @@ class NormServicer(pb_grpc.NormServiceServicer):
         max_streams: int,
         stream_idle_seconds: float = 0.0,
         max_tensor_rank: int = codec.MAX_RANK,
+        batching: Optional[EvalBatching] = None,
     ):
+        self._batching = batching
         self._max_rank = max_tensor_rank
         self._layers = layers
         self._auth = auth
@@ -260,7 +262,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         layer = self._layers.get(request.layer)
         x = codec.to_torch(request.input, self._max_elements, self._max_rank)
         start = perf_counter()
-        result = layer.forward(x, mode == "train", still_wanted, request.request_id)
+        result = layer.forward(x, mode == "train", still_wanted, request.request_id, self._batching)
         self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
         codec.from_torch(result.output, out=response.output)
         convert.fill_state_version(response.state, result.state)

@@ -69,7 +69,7 @@ def scraped(tmp_path_factory):
     """A normserve server under load and a Prometheus scraping it every second."""
     tmp = tmp_path_factory.mktemp("prom")
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    with ServerProcess() as server:
+    with ServerProcess("--batching", "on") as server:  # the dashboard's batching queries need data
         metrics_host = urllib.parse.urlsplit(server.metrics_url).netloc
         config["global"]["scrape_interval"] = "1s"
         config["global"]["evaluation_interval"] = "1s"

@@ -48,6 +48,9 @@ VALID = {
     "max_concurrent_rpcs": ("64", 64),
     "stream_idle_seconds": ("30", 30.0),
     "device": ("cpu", "cpu"),
+    "batching": ("on", "on"),
+    "batch_max_size": ("8", 8),
+    "batch_max_delay_ms": ("0.5", 0.5),
 }
 
 W3_BATCH_BYTES = 32 * 3 * 224 * 224 * 4  # a (32, 3, 224, 224) float32 batch
@@ -210,6 +213,11 @@ def test_unparseable_env_values_rejected(var, raw):
         ("store_refresh_seconds", 0),
         ("store_refresh_seconds", float("nan")),
         ("store_refresh_seconds", 61),
+        ("batching", "maybe"),
+        ("batch_max_size", 0),
+        ("batch_max_size", -4),
+        ("batch_max_delay_ms", -1.0),
+        ("batch_max_delay_ms", 5000.0),
     ],
 )
 def test_out_of_range_values_rejected(field, value):
@@ -315,6 +323,9 @@ def test_cli_flag_beats_env_beats_default(captured_settings, monkeypatch):
         (["serve"], {"NORMSERVE_MAX_WORKERS": "many"}, "NORMSERVE_MAX_WORKERS"),
         (["serve", "--log-level", "loud"], {}, "log_level"),
         (["serve", "--no-such-flag", "1"], {}, "--no-such-flag"),
+        (["serve", "--batch-max-size", "-1"], {}, "batch_max_size must be in [1, "),
+        (["serve", "--batch-max-delay-ms", "-0.5"], {}, "batch_max_delay_ms must be a number in [0, 1000]"),
+        (["serve"], {"NORMSERVE_BATCHING": "yes"}, "batching must be on or off"),
     ],
 )
 def test_cli_invalid_values_exit_2_with_message(captured_settings, monkeypatch, capsys, argv, env, needle):
