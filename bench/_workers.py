@@ -82,10 +82,10 @@ def _unary_call(spec: dict, x: np.ndarray) -> tuple[Callable[[], Any], Callable[
 
         lean = LeanClient(spec["target"])
         return (lambda: lean.normalize(layer, x, mode)), lean.close
-    if path == "unary":
+    if path in ("unary", "shm"):
         from normserve.client import Client
 
-        client = Client(spec["target"])
+        client = Client(spec["target"], shared_memory=path == "shm")
         return (lambda: client.normalize(layer, x, mode)), client.close
     raise ValueError(f"unknown unary path {path!r}")
 

@@ -1,7 +1,7 @@
 """normserve throughput/latency benchmark against in-process torch and a lean gRPC baseline.
 
     .venv/bin/python bench/run.py [--quick] [--only W1,W2] [--clients 1,4] [--seconds S]
-                                  [--modes eval,train] [--paths a,b,c,d] [--threads | --processes]
+                                  [--modes eval,train] [--paths a,b,c,d,f] [--threads | --processes]
                                   [--durability none|interval|always] [--stream-depth 8]
                                   [--rss [--rss-requests N] | --rss-only] [--json out.json]
 
@@ -26,6 +26,9 @@ sets the same levels for every workload), through these paths:
     d  stream       normserve via the SDK, Client.normalize_stream: one stream per client
                     for the whole cell, at most --stream-depth (8) messages in flight
     e  lean_stream  (not in the default set) the lean server's NormalizeStream
+    f  shm          normserve via the SDK over same-host shared memory,
+                    Client(shared_memory=True).normalize: the tensors go through a
+                    POSIX shared-memory segment the server maps, not through gRPC
 
 (normserve's default --max-streams is 16, so path d with more than 16 clients fails loudly
 with RESOURCE_EXHAUSTED.)
@@ -105,10 +108,18 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "W4": {"kind": "BatchNorm2d", "num_features": 64, "eval": (8, 64, 56, 56), "train": (8, 64, 56, 56), "clients": (1, 4)},
 }
 MODES = ("eval", "train")
-PATHS = {"a": "inproc", "b": "lean", "c": "unary", "d": "stream", "e": "lean_stream"}
-LABELS = {"inproc": "a inproc", "lean": "b lean", "unary": "c unary", "stream": "d stream", "lean_stream": "e lean-strm"}
+PATHS = {"a": "inproc", "b": "lean", "c": "unary", "d": "stream", "e": "lean_stream", "f": "shm"}
+LABELS = {
+    "inproc": "a inproc",
+    "lean": "b lean",
+    "unary": "c unary",
+    "stream": "d stream",
+    "lean_stream": "e lean-strm",
+    "shm": "f shm",
+}
+NORMSERVE_PATHS = ("unary", "stream", "shm")
 BASELINE = "lean"
-_KEY = {"inproc": "a", "lean": "b", "unary": "c", "stream": "d", "lean_stream": "e"}
+_KEY = {"inproc": "a", "lean": "b", "unary": "c", "stream": "d", "lean_stream": "e", "shm": "f"}
 CELL_TIMEOUT_PAD_S = 120.0  # beyond --seconds, per cell phase
 
 
@@ -262,7 +273,7 @@ class Servers:
             self.lean = LeanProcess().start()
 
     def pid_for(self, path: str) -> Optional[int]:
-        if path in ("unary", "stream"):
+        if path in NORMSERVE_PATHS:
             return self.normserve.proc.pid
         if path in ("lean", "lean_stream"):
             return self.lean.pid
@@ -292,7 +303,7 @@ def run_cell(
     warmup = args.warmup if wl != "W3" else args.warmup_w3
     target = ""
     ns_client = lean_client = None
-    if path in ("unary", "stream"):
+    if path in NORMSERVE_PATHS:
         from normserve.client import Client
 
         target = servers.normserve.target
@@ -497,6 +508,7 @@ def table(
         "unary": "c = normserve SDK unary",
         "stream": "d = normserve SDK stream",
         "lean_stream": "e = lean stream",
+        "shm": "f = normserve SDK over shared memory",
     }
     note = ""
     if any("/" in h for h in headers):
@@ -642,7 +654,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--clients", default="", help="client levels for every workload, e.g. 1,4 (default 1,4; W1 1,16)")
     p.add_argument("--seconds", type=float, default=None, help="timed seconds per cell (default 2.0; --quick 0.3)")
     p.add_argument("--modes", default="eval,train", help="modes to run (default eval,train)")
-    p.add_argument("--paths", default="a,b,c,d", help="paths to run: a inproc, b lean, c unary, d stream, e lean stream")
+    p.add_argument(
+        "--paths", default="a,b,c,d,f", help="paths to run: a inproc, b lean, c unary, d stream, e lean stream, f shared memory"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--processes", dest="processes", action="store_true", default=True, help="clients are processes (default)")
     g.add_argument("--threads", dest="processes", action="store_false", help="clients are threads of this process")
@@ -726,7 +740,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.rss_only:
             paths = []
         servers.start(
-            need_normserve=any(p in ("unary", "stream") for p in paths),
+            need_normserve=any(p in NORMSERVE_PATHS for p in paths),
             need_lean=any(p in ("lean", "lean_stream") for p in paths),
         )
         for wl in args.workloads if paths else ():

@@ -21,6 +21,7 @@ from . import logs
 from .engine import DiskStore, Registry, StateDirInUse, StateStore
 from .metrics import Metrics
 from .settings import Settings
+from .shm import SharedMemoryManager
 from .transport.auth import Authorizer
 from .transport.servicer import NormServicer, add_to_server
 
@@ -66,6 +67,8 @@ class NormServer:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.auth = Authorizer(settings.tokens_file)
+        self.shm = SharedMemoryManager(settings.max_shm_regions, settings.max_shm_bytes, settings.shm_lease_seconds)
+        self.metrics.watch_shared_memory(self.shm.region_count, self.shm.mapped_bytes)
         servicer = NormServicer(
             self.layers,
             self.metrics,
@@ -74,6 +77,7 @@ class NormServer:
             settings.stream_limit,
             settings.stream_idle_seconds,
             settings.max_tensor_rank,
+            self.shm,
         )
         add_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -128,6 +132,7 @@ class NormServer:
         if self.settings.drain_seconds:
             time.sleep(self.settings.drain_seconds)
         self._server.stop(grace).wait()
+        self.shm.close()  # no call is running: unmap every client's region
         self.store.close()  # everything acknowledged is on disk now
         self.metrics.stop_http()
         self._stopped.set()

@@ -56,6 +56,9 @@ class Settings:
     max_concurrent_rpcs: int = 256
     stream_idle_seconds: float = 300.0
     device: str = "auto"
+    max_shm_regions: int = 256
+    max_shm_bytes: int = 4 * 1024**3
+    shm_lease_seconds: float = 60.0
 
     HELP = {
         "host": "address to listen on for gRPC (use 0.0.0.0 or :: to listen on all interfaces)",
@@ -92,6 +95,10 @@ class Settings:
         "max_concurrent_rpcs": "calls in progress at once, streams included (more get RESOURCE_EXHAUSTED)",
         "stream_idle_seconds": "a stream that sends nothing for this long is cancelled (0: never)",
         "device": "where layers compute: cpu, cuda, cuda:N, or auto (cuda when available)",
+        "max_shm_regions": "most shared-memory regions registered at once (0 disables shared memory)",
+        "max_shm_bytes": "most bytes of shared memory mapped at once, all regions together",
+        "shm_lease_seconds": "longest lease of a shared-memory region: it is unmapped this long after its "
+        "last registration or use (how soon a vanished client's regions are released)",
     }
 
     @property
@@ -165,6 +172,12 @@ class Settings:
             raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must exceed the stream limit ({self.stream_limit})")
         if not math.isfinite(self.stream_idle_seconds) or self.stream_idle_seconds < 0:
             raise ValueError(f"stream_idle_seconds must be a finite number >= 0, got {self.stream_idle_seconds}")
+        if not 0 <= self.max_shm_regions <= 1 << 16:
+            raise ValueError(f"max_shm_regions must be in [0, {1 << 16}] (0 disables shared memory), got {self.max_shm_regions}")
+        if not 1 <= self.max_shm_bytes <= 1 << 48:
+            raise ValueError(f"max_shm_bytes must be in [1, {1 << 48}], got {self.max_shm_bytes}")
+        if not math.isfinite(self.shm_lease_seconds) or not 0 < self.shm_lease_seconds <= 86400:
+            raise ValueError(f"shm_lease_seconds must be in (0, 86400], got {self.shm_lease_seconds}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.log_format not in ("text", "json"):

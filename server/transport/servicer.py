@@ -19,8 +19,9 @@ from normserve.client.codec import CodecError
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
-from ..engine import InvalidInput, Registry
+from ..engine import ForwardResult, InvalidInput, Layer, Registry
 from ..metrics import Metrics
+from ..shm import Region, SharedMemoryManager
 from . import convert
 from .auth import Action, Authorizer, Principal, Unauthenticated
 from .errors import status_for
@@ -82,6 +83,17 @@ def _log_request(method: str, mode: str, code: str, seconds: float, request_id: 
             extra={"method": method, "layer": layer, "mode": mode, "code": code,
                    "duration_seconds": seconds, "request_id": request_id},
         )
+
+
+def _owner(principal: Optional[Principal]) -> Optional[str]:
+    """Who a shared-memory region belongs to: the token's name (None: no authentication)."""
+    return None if principal is None else principal.name
+
+
+def _region_info(region: Region) -> pb.SharedMemoryRegion:
+    return pb.SharedMemoryRegion(
+        name=region.name, key=region.key, byte_size=region.byte_size, lease_seconds=region.lease_seconds
+    )
 
 
 class Undecodable:
@@ -175,8 +187,10 @@ class NormServicer(pb_grpc.NormServiceServicer):
         max_streams: int,
         stream_idle_seconds: float = 0.0,
         max_tensor_rank: int = codec.MAX_RANK,
+        shm: Optional[SharedMemoryManager] = None,
     ):
         self._max_rank = max_tensor_rank
+        self._shm = shm if shm is not None else SharedMemoryManager(0, 1, 1.0)
         self._layers = layers
         self._auth = auth
         self._idle_streams = _IdleStreams(stream_idle_seconds)
@@ -258,14 +272,74 @@ class NormServicer(pb_grpc.NormServiceServicer):
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         layer = self._layers.get(request.layer)
-        x = codec.to_torch(request.input, self._max_elements, self._max_rank)
-        start = perf_counter()
-        result = layer.forward(x, mode == "train", still_wanted, request.request_id)
-        self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
-        codec.from_torch(result.output, out=response.output)
+        if request.input.HasField("shared_memory") or request.HasField("output_shared_memory"):
+            result = self._normalize_shared(request, principal, layer, mode, still_wanted, response.output)
+        else:
+            x = codec.to_torch(request.input, self._max_elements, self._max_rank)
+            start = perf_counter()
+            result = layer.forward(x, mode == "train", still_wanted, request.request_id)
+            self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
+            codec.from_torch(result.output, out=response.output)
         convert.fill_state_version(response.state, result.state)
         response.request_id = request.request_id
         response.replayed = result.replayed
+
+    def _normalize_shared(
+        self,
+        request: pb.NormalizeRequest,
+        principal: Optional[Principal],
+        layer: Layer,
+        mode: str,
+        still_wanted: Optional[Callable[[], bool]],
+        output: pb.Tensor,
+    ) -> ForwardResult:
+        """A request whose input and/or output is in shared memory. Every place is checked
+        before the layer runs, and the regions stay mapped until the request is done."""
+        regions = self._shm.request(_owner(principal))
+        try:
+            if request.input.HasField("shared_memory"):
+                x = regions.input(request.input, self._max_elements, self._max_rank)
+            else:
+                x = codec.to_torch(request.input, self._max_elements, self._max_rank)
+            place = regions.output_place(request.output_shared_memory, x) if request.HasField("output_shared_memory") else None
+            start = perf_counter()
+            result = layer.forward(x, mode == "train", still_wanted, request.request_id)
+            self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
+            if place is None:
+                codec.from_torch(result.output, out=output)
+            else:
+                regions.write(place, result.output, output)
+            del x  # views the mapping: gone before the region may be unmapped
+        finally:
+            regions.release()
+        self._metrics.observe_shared_memory(regions.bytes_in, regions.bytes_out)
+        return result
+
+    # -- shared memory -----------------------------------------------------------------
+    @_measured
+    def RegisterSharedMemory(
+        self, request: pb.RegisterSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterSharedMemoryResponse:
+        principal = self._allow(context, Action.SHARED_MEMORY)
+        region = self._shm.register(
+            _owner(principal), request.name, request.key, request.byte_size, request.lease_seconds
+        )
+        return pb.RegisterSharedMemoryResponse(region=_region_info(region))
+
+    @_measured
+    def UnregisterSharedMemory(
+        self, request: pb.UnregisterSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.UnregisterSharedMemoryResponse:
+        principal = self._allow(context, Action.SHARED_MEMORY)
+        self._shm.unregister(_owner(principal), request.name)
+        return pb.UnregisterSharedMemoryResponse()
+
+    @_measured
+    def ListSharedMemory(
+        self, request: pb.ListSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.ListSharedMemoryResponse:
+        principal = self._allow(context, Action.SHARED_MEMORY)
+        return pb.ListSharedMemoryResponse(regions=[_region_info(r) for r in self._shm.list(_owner(principal))])
 
     @_measured
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:

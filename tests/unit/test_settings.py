@@ -45,6 +45,9 @@ VALID = {
     "max_concurrent_rpcs": ("64", 64),
     "stream_idle_seconds": ("30", 30.0),
     "device": ("cpu", "cpu"),
+    "max_shm_regions": ("0", 0),
+    "max_shm_bytes": ("1048576", 1048576),
+    "shm_lease_seconds": ("2.5", 2.5),
 }
 
 W3_BATCH_BYTES = 32 * 3 * 224 * 224 * 4  # a (32, 3, 224, 224) float32 batch
@@ -200,6 +203,10 @@ def test_unparseable_env_values_rejected(var, raw):
         ("torch_threads", -1),
         ("log_level", "verbose"),
         ("log_level", ""),
+        ("max_shm_regions", -1),
+        ("max_shm_bytes", 0),
+        ("shm_lease_seconds", 0.0),
+        ("shm_lease_seconds", float("inf")),
     ],
 )
 def test_out_of_range_values_rejected(field, value):
