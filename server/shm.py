@@ -280,9 +280,10 @@ class SharedMemoryManager:
             region = self._find(owner, name)
             self._drop(region)
 
-    def list(self, owner: Optional[str]) -> list[Region]:
+    def list(self, owner: Optional[str], prefix: str = "") -> list[Region]:
         with self._lock:
-            return sorted((r for r in self._regions.values() if owner is None or r.owner == owner), key=lambda r: r.name)
+            mine = (r for r in self._regions.values() if (owner is None or r.owner == owner) and r.name.startswith(prefix))
+            return sorted(mine, key=lambda r: r.name)
 
     # -- use by requests -----------------------------------------------------------------
     def request(self, owner: Optional[str]) -> RequestRegions:

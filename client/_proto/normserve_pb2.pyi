@@ -378,8 +378,10 @@ class UnregisterSharedMemoryResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListSharedMemoryRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
 
 class ListSharedMemoryResponse(_message.Message):
     __slots__ = ("regions",)

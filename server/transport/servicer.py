@@ -339,7 +339,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
         self, request: pb.ListSharedMemoryRequest, context: grpc.ServicerContext
     ) -> pb.ListSharedMemoryResponse:
         principal = self._allow(context, Action.SHARED_MEMORY)
-        return pb.ListSharedMemoryResponse(regions=[_region_info(r) for r in self._shm.list(_owner(principal))])
+        regions = self._shm.list(_owner(principal), request.prefix)
+        return pb.ListSharedMemoryResponse(regions=[_region_info(r) for r in regions])
 
     @_measured
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:

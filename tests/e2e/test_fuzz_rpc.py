@@ -256,6 +256,8 @@ def check_response(method: str, req, resp) -> None:
         assert resp.layer.name == req.name and resp.layer.kind
     elif method == "RegisterSharedMemory":
         assert resp.region.name == req.name and 0 < resp.region.byte_size <= SEGMENT_BYTES
+    elif method == "ListSharedMemory":
+        assert all(r.name.startswith(req.prefix) for r in resp.regions)
     elif method == "ListLayers":
         assert all(l.name.startswith(req.prefix) for l in resp.layers)
         assert [l.name for l in resp.layers] == sorted(l.name for l in resp.layers)
@@ -461,7 +463,7 @@ def requests(draw, method: str):
     if method == "UnregisterSharedMemory":
         return pb.UnregisterSharedMemoryRequest(name=draw(st.one_of(st.sampled_from(REGIONS), st.text(max_size=6))))
     if method == "ListSharedMemory":
-        return pb.ListSharedMemoryRequest()
+        return pb.ListSharedMemoryRequest(prefix=draw(st.one_of(st.sampled_from(["", "fz-"]), st.text(max_size=3))))
     if method in ("ResetRunningStats", "LoadState"):
         if method == "ResetRunningStats":
             name = draw(names(st.sampled_from([g for g, (_, _, tracks) in GUARDS.items() if tracks] + SCRATCH)))

@@ -384,6 +384,8 @@ def test_registration_errors(stub, segment, region):
 def test_unregister_and_list(stub, segment, region, bn):
     listed = {r.name: r for r in stub.ListSharedMemory(pb.ListSharedMemoryRequest()).regions}
     assert listed[region].key == segment.name and listed[region].byte_size == SEGMENT
+    assert [r.name for r in stub.ListSharedMemory(pb.ListSharedMemoryRequest(prefix=region)).regions] == [region]
+    assert not stub.ListSharedMemory(pb.ListSharedMemoryRequest(prefix=region + "~")).regions
     stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(name=region))
     assert region not in {r.name for r in stub.ListSharedMemory(pb.ListSharedMemoryRequest()).regions}
     got_code, message = code_of(stub.Normalize, shm_request(bn, x_bn(), region))

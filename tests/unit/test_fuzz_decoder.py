@@ -585,7 +585,7 @@ def valid_requests(draw, method: str):
     if method == "UnregisterSharedMemory":
         return pb.UnregisterSharedMemoryRequest(name=draw(st.one_of(st.just("r1"), st.text(max_size=5))))
     if method == "ListSharedMemory":
-        return pb.ListSharedMemoryRequest()
+        return pb.ListSharedMemoryRequest(prefix=draw(st.one_of(st.just(""), st.text(max_size=3))))
     if method == "ListLayers":
         return pb.ListLayersRequest(prefix=draw(st.one_of(st.sampled_from(["", "b", "bn", "zz"]), st.text(max_size=4))))
     if method == "DeleteLayer":
@@ -658,7 +658,7 @@ def serve_locally(registry: Registry, method: str, req) -> None:
     elif method == "UnregisterSharedMemory":
         _shm_manager().unregister(None, req.name)
     elif method == "ListSharedMemory":
-        _shm_manager().list(None)
+        _shm_manager().list(None, req.prefix)
     else:
         if req.mode not in _MODES:
             raise InvalidInput(f"unknown mode {req.mode}")
