@@ -466,7 +466,7 @@ CHILD = textwrap.dedent(
     from normserve.client import Client
     c = Client(sys.argv[1], timeout=30, shared_memory=True)
     c.normalize("bn-kill", np.ones((4, 3, 2, 2), np.float32), mode="train")
-    print(c._segments._all[0].name, flush=True)
+    print(c._segments._all[0].name, c._segments._all[0].key, flush=True)
     time.sleep(600)
     """
 )
@@ -477,7 +477,8 @@ def test_regions_of_a_killed_client_are_released_within_the_lease(lease_server):
         c.create_layer("bn-kill", "BatchNorm2d", num_features=3)
     child = subprocess.Popen([sys.executable, "-c", CHILD, lease_server.target], stdout=subprocess.PIPE, text=True)
     try:
-        region = child.stdout.readline().strip()
+        region, key = child.stdout.readline().split()
+        assert os.path.exists(f"/dev/shm/{key}")
         assert region in {r.name for r in shm_regions(lease_server)}
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
@@ -490,6 +491,12 @@ def test_regions_of_a_killed_client_are_released_within_the_lease(lease_server):
             child.kill()
             child.wait()
     assert lease_server.wait_for_log(f"{region} .* released: its lease")
+    # The segment itself: multiprocessing's resource tracker (which outlives the client)
+    # unlinks what the client left behind.
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/dev/shm/{key}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/dev/shm/{key}")
 
 
 # -- tokens: regions belong to the token that registered them --------------------------------------
