@@ -117,11 +117,17 @@ class SegmentPool:
                 return segment, []
             retired = self._free[:1]  # replace one too-small free segment, keep the pool small
             del self._free[:1]
+        try:
+            segment = Segment(segment_size(nbytes))  # outside the lock: it reserves pages
+        except BaseException:
+            with self._lock:
+                self._free.extend(retired)  # kept after all (still in _all)
+            raise
+        with self._lock:
             for old in retired:
                 self._all.remove(old)
-            segment = Segment(segment_size(nbytes))
             self._all.append(segment)
-            return segment, retired
+        return segment, retired
 
     def settle(self, segment: Segment, clean: bool) -> None:
         """A call is done with `segment`: reuse it, or (`clean` False: the server may still
