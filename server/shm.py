@@ -113,7 +113,7 @@ class Region:
 
 
 @dataclass
-class _Place:
+class Place:
     region: Region
     offset: int
     byte_size: int
@@ -144,7 +144,7 @@ class RequestRegions:
         self.bytes_in += ref.byte_size
         return codec.torch_view(region.buffer, name, shape, ref.offset)
 
-    def output_place(self, ref: pb.SharedMemoryRef, x: torch.Tensor) -> _Place:
+    def output_place(self, ref: pb.SharedMemoryRef, x: torch.Tensor) -> Place:
         """Where the output goes, checked before anything is computed (an output that
         would not fit fails the request before it can change state)."""
         region = self._acquire(ref.region)
@@ -155,9 +155,9 @@ class RequestRegions:
                 f"output_shared_memory: byte_size {ref.byte_size} is too small for the output "
                 f"{list(x.shape)} {str(x.dtype).removeprefix('torch.')} ({need} bytes)"
             )
-        return _Place(region, ref.offset, ref.byte_size)
+        return Place(region, ref.offset, ref.byte_size)
 
-    def write(self, place: _Place, y: torch.Tensor, out: pb.Tensor) -> None:
+    def write(self, place: Place, y: torch.Tensor, out: pb.Tensor) -> None:
         """Copy the output into its place and describe it in `out` (no data)."""
         name = str(y.dtype).removeprefix("torch.")
         nbytes = y.numel() * y.element_size()

@@ -19,7 +19,7 @@ from normserve.client.codec import CodecError
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
-from ..engine import ForwardResult, InvalidInput, Layer, Registry
+from ..engine import InvalidInput, Registry
 from ..metrics import Metrics
 from ..shm import Region, SharedMemoryManager
 from . import convert
@@ -272,48 +272,30 @@ class NormServicer(pb_grpc.NormServiceServicer):
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         layer = self._layers.get(request.layer)
-        if request.input.HasField("shared_memory") or request.HasField("output_shared_memory"):
-            result = self._normalize_shared(request, principal, layer, mode, still_wanted, response.output)
-        else:
-            x = codec.to_torch(request.input, self._max_elements, self._max_rank)
-            start = perf_counter()
-            result = layer.forward(x, mode == "train", still_wanted, request.request_id)
-            self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
-            codec.from_torch(result.output, out=response.output)
-        convert.fill_state_version(response.state, result.state)
-        response.request_id = request.request_id
-        response.replayed = result.replayed
-
-    def _normalize_shared(
-        self,
-        request: pb.NormalizeRequest,
-        principal: Optional[Principal],
-        layer: Layer,
-        mode: str,
-        still_wanted: Optional[Callable[[], bool]],
-        output: pb.Tensor,
-    ) -> ForwardResult:
-        """A request whose input and/or output is in shared memory. Every place is checked
-        before the layer runs, and the regions stay mapped until the request is done."""
+        # Either tensor may be in shared memory; the regions stay mapped until it is done.
         regions = self._shm.request(_owner(principal))
         try:
             if request.input.HasField("shared_memory"):
                 x = regions.input(request.input, self._max_elements, self._max_rank)
             else:
                 x = codec.to_torch(request.input, self._max_elements, self._max_rank)
-            place = regions.output_place(request.output_shared_memory, x) if request.HasField("output_shared_memory") else None
+            place = None
+            if request.HasField("output_shared_memory"):  # checked before the layer runs
+                place = regions.output_place(request.output_shared_memory, x)
             start = perf_counter()
             result = layer.forward(x, mode == "train", still_wanted, request.request_id)
             self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
             if place is None:
-                codec.from_torch(result.output, out=output)
+                codec.from_torch(result.output, out=response.output)
             else:
-                regions.write(place, result.output, output)
-            del x  # views the mapping: gone before the region may be unmapped
+                regions.write(place, result.output, response.output)
+            del x  # may view a region's mapping: gone before the region may be unmapped
         finally:
             regions.release()
         self._metrics.observe_shared_memory(regions.bytes_in, regions.bytes_out)
-        return result
+        convert.fill_state_version(response.state, result.state)
+        response.request_id = request.request_id
+        response.replayed = result.replayed
 
     # -- shared memory -----------------------------------------------------------------
     @_measured

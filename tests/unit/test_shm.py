@@ -127,3 +127,15 @@ def test_input_places_are_checked(manager, offset, shape, match):
         request.input(tensor("r", offset, shape), 1 << 20, 8)
     request.release()
     assert manager.list(None)[0].users == 0
+
+
+def test_shutdown_unmaps_everything_and_refuses_new_regions(manager):
+    manager.register(None, "r", "seg-a", SIZE, 0)
+    request = manager.request(None)
+    request.input(tensor("r", 0, [4]), 1 << 20, 8)
+    manager.close()
+    assert manager.region_count() == 0 and manager.mapped_bytes() == SIZE  # in use: after the request
+    request.release()
+    assert manager.mapped_bytes() == 0
+    with pytest.raises(ShmDisabled, match="shutting down"):
+        manager.register(None, "r2", "seg-b", SIZE, 0)
