@@ -114,6 +114,8 @@ class Region:
 
 @dataclass
 class Place:
+    """Where a request's output goes (checked before the layer runs)."""
+
     region: Region
     offset: int
     byte_size: int
