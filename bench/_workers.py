@@ -77,15 +77,15 @@ def _unary_call(spec: dict, x: np.ndarray) -> tuple[Callable[[], Any], Callable[
                 return module(xt)
 
         return call, lambda: None
-    if path == "lean":
+    if path in ("lean", "lean_aio"):
         from lean import LeanClient
 
         lean = LeanClient(spec["target"])
         return (lambda: lean.normalize(layer, x, mode)), lean.close
-    if path in ("unary", "unary_batch"):
+    if path in ("unary", "unary_batch", "shm"):
         from normserve.client import Client
 
-        client = Client(spec["target"])
+        client = Client(spec["target"], shared_memory=path == "shm")
         return (lambda: client.normalize(layer, x, mode)), client.close
     raise ValueError(f"unknown unary path {path!r}")
 

@@ -1,7 +1,7 @@
 """normserve throughput/latency benchmark against in-process torch and a lean gRPC baseline.
 
     .venv/bin/python bench/run.py [--quick] [--only W1,W2] [--clients 1,4] [--seconds S]
-                                  [--modes eval,train] [--paths a,b,c,d] [--threads | --processes]
+                                  [--modes eval,train] [--paths a,b,c,d,f] [--threads | --processes]
                                   [--durability none|interval|always] [--stream-depth 8]
                                   [--rss [--rss-requests N] | --rss-only] [--json out.json]
 
@@ -29,6 +29,12 @@ sets the same levels for every workload), through these paths:
     d  stream       normserve via the SDK, Client.normalize_stream: one stream per client
                     for the whole cell, at most --stream-depth (8) messages in flight
     e  lean_stream  (not in the default set) the lean server's NormalizeStream
+    g  shm          normserve via the SDK over same-host shared memory,
+                    Client(shared_memory=True).normalize: the tensors go through a
+                    POSIX shared-memory segment the server maps, not through gRPC
+    h  lean_aio     (not in the default set) the lean baseline's servicer in a grpc.aio
+                    server (one event loop) instead of a threaded one: the measurement
+                    behind normserve's threaded server (see README, Benchmarks)
 
 (normserve's default --max-streams is 16, so path d with more than 16 clients fails loudly
 with RESOURCE_EXHAUSTED.)
@@ -108,7 +114,10 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "W4": {"kind": "BatchNorm2d", "num_features": 64, "eval": (8, 64, 56, 56), "train": (8, 64, 56, 56), "clients": (1, 4)},
 }
 MODES = ("eval", "train")
-PATHS = {"a": "inproc", "b": "lean", "c": "unary", "d": "stream", "e": "lean_stream", "f": "unary_batch"}
+PATHS = {
+    "a": "inproc", "b": "lean", "c": "unary", "d": "stream", "e": "lean_stream", "f": "unary_batch", "g": "shm",
+    "h": "lean_aio",
+}
 LABELS = {
     "inproc": "a inproc",
     "lean": "b lean",
@@ -116,10 +125,12 @@ LABELS = {
     "stream": "d stream",
     "lean_stream": "e lean-strm",
     "unary_batch": "f c+batch",
+    "shm": "g shm",
+    "lean_aio": "h lean-aio",
 }
-NORMSERVE_PATHS = ("unary", "stream", "unary_batch")
+NORMSERVE_PATHS = ("unary", "stream", "unary_batch", "shm")
 BASELINE = "lean"
-_KEY = {"inproc": "a", "lean": "b", "unary": "c", "stream": "d", "lean_stream": "e", "unary_batch": "f"}
+_KEY = {v: k for k, v in PATHS.items()}
 CELL_TIMEOUT_PAD_S = 120.0  # beyond --seconds, per cell phase
 
 
@@ -264,8 +275,11 @@ class Servers:
         self.normserve: Any = None  # --batching off
         self.normserve_batch: Any = None  # --batching on
         self.lean: Any = None
+        self.lean_aio: Any = None
 
-    def start(self, need_normserve: bool, need_lean: bool, need_normserve_batch: bool = False) -> None:
+    def start(
+        self, need_normserve: bool, need_lean: bool, need_normserve_batch: bool = False, need_lean_aio: bool = False
+    ) -> None:
         from lean import LeanProcess
 
         if need_normserve:
@@ -274,24 +288,28 @@ class Servers:
             self.normserve_batch = start_normserve(self.durability, "--batching", "on")
         if need_lean:
             self.lean = LeanProcess().start()
+        if need_lean_aio:
+            self.lean_aio = LeanProcess(aio=True).start()
 
     def pid_for(self, path: str) -> Optional[int]:
-        if path in ("unary", "stream"):
-            return self.normserve.proc.pid
         if path == "unary_batch":
             return self.normserve_batch.proc.pid
+        if path in NORMSERVE_PATHS:
+            return self.normserve.proc.pid
         if path in ("lean", "lean_stream"):
             return self.lean.pid
+        if path == "lean_aio":
+            return self.lean_aio.pid
         return None
 
     def stop(self) -> None:
-        for server in (self.lean, self.normserve, self.normserve_batch):
+        for server in (self.lean, self.lean_aio, self.normserve, self.normserve_batch):
             if server is not None:
                 try:
                     server.stop()
                 except Exception as e:  # noqa: BLE001 - keep stopping the others
                     _log(f"warning: stopping a server failed: {e}")
-        self.lean = self.normserve = self.normserve_batch = None
+        self.lean = self.lean_aio = self.normserve = self.normserve_batch = None
 
 
 # -- one cell ------------------------------------------------------------------------------
@@ -314,10 +332,10 @@ def run_cell(
         target = (servers.normserve_batch if path == "unary_batch" else servers.normserve).target
         ns_client = Client(target, timeout=60)
         ns_client.create_layer(layer, reference_module(wl))
-    elif path in ("lean", "lean_stream"):
+    elif path in ("lean", "lean_stream", "lean_aio"):
         from lean import LeanClient
 
-        target = servers.lean.target
+        target = (servers.lean_aio if path == "lean_aio" else servers.lean).target
         lean_client = LeanClient(target)
         lean_client.create_layer(layer, spec["kind"], spec["num_features"], state)
     workers.ensure(clients)
@@ -514,6 +532,8 @@ def table(
         "unary_batch": "f = c with batching on",
         "stream": "d = normserve SDK stream",
         "lean_stream": "e = lean stream",
+        "shm": "g = normserve SDK over shared memory",
+        "lean_aio": "h = lean baseline on grpc.aio",
     }
     note = ""
     if any("/" in h for h in headers):
@@ -684,8 +704,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--modes", default="eval,train", help="modes to run (default eval,train)")
     p.add_argument(
         "--paths",
-        default="a,b,c,d,f",
-        help="paths to run: a inproc, b lean, c unary (batching off), d stream, e lean stream, f unary with batching on",
+        default="a,b,c,d,f,g",
+        help="paths to run: a inproc, b lean, c unary (batching off), d stream, e lean stream, "
+        "f unary with batching on, g shared memory, h lean baseline on a grpc.aio server",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--processes", dest="processes", action="store_true", default=True, help="clients are processes (default)")
@@ -770,9 +791,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.rss_only:
             paths = []
         servers.start(
-            need_normserve=any(p in ("unary", "stream") for p in paths),
+            need_normserve=any(p in ("unary", "stream", "shm") for p in paths),
             need_normserve_batch="unary_batch" in paths,
             need_lean=any(p in ("lean", "lean_stream") for p in paths),
+            need_lean_aio="lean_aio" in paths,
         )
         for wl in args.workloads if paths else ():
             for mode in args.modes:

@@ -11,6 +11,8 @@ import grpc
 import grpc.aio
 
 from . import _core as core
+from . import _shm
+from ._proto import normserve_pb2 as pb
 from ._core import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, CompressionArg, CredentialsArg, Metadata
 from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy
 from .errors import DeadlineExceededError, NormServeError, UnavailableError, from_rpc_error
@@ -21,6 +23,7 @@ __all__ = ["AsyncClient"]
 R = TypeVar("R")
 
 _PROBE_TIMEOUT = 5.0
+_CLOSE_TIMEOUT = 2.0
 
 
 class AsyncClient:
@@ -55,8 +58,10 @@ class AsyncClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         interceptors: Sequence[Any] = (),
         options: Sequence[tuple[str, Any]] = (),
+        shared_memory: bool = False,
     ):
         self.target = target
+        self._segments = _shm.SegmentPool() if shared_memory else None
         self.timeout = timeout
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata or ())
         self.retry = retry
@@ -110,7 +115,14 @@ class AsyncClient:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled. Closing twice is harmless."""
+        """Close the channel; calls in flight are cancelled. Closing twice is harmless.
+        Shared-memory segments are unregistered and unlinked first."""
+        if self._segments is not None:
+            segments = self._segments.drain()
+            if self._channel is not None and not self._closed:
+                await self._drive(core.release_segments(segments), _CLOSE_TIMEOUT, None)
+            else:
+                _shm.destroy_all(segments)
         self._closed = True
         if self._channel is not None:
             channel, self._channel = self._channel, None
@@ -322,6 +334,9 @@ class AsyncClient:
         Train requests carry an idempotency id (a fresh UUID unless `request_id` is given),
         the same on every retry: the server applies it once, and answers a repeat with
         `replayed=True`."""
+        if self._segments is not None:
+            program = core.normalize_shared(self._segments, layer, x, mode, request_id)
+            return await self._drive(program, timeout, metadata)
         return await self._run(core.normalize(layer, x, mode, request_id), timeout, metadata)
 
     async def normalize_stream(
@@ -355,7 +370,8 @@ class AsyncClient:
     ) -> AsyncGenerator[NormalizeResult[Any], None]:
         """Like `normalize_stream`, yielding NormalizeResult (output + state version)."""
         mode_value = core.mode_value(mode)
-        devices: collections.deque[Any] = collections.deque()  # one per request sent
+        md = core.merge_metadata(self.metadata, metadata)
+        sent: collections.deque[Any] = collections.deque()  # (device, segment) per request sent
         local_error: list[Exception] = []
 
         async def requests() -> AsyncIterator[Any]:
@@ -364,23 +380,23 @@ class AsyncClient:
             try:
                 if isinstance(batches, AsyncIterable):
                     async for x in batches:
-                        request = core.stream_request(layer, mode_value, x)
-                        devices.append(core.torch_device(x))
+                        request, segment = await self._stream_request(layer, mode_value, x, metadata)
+                        sent.append((core.torch_device(x), segment))
                         yield request
                 else:
                     for x in batches:
-                        request = core.stream_request(layer, mode_value, x)
-                        devices.append(core.torch_device(x))
+                        request, segment = await self._stream_request(layer, mode_value, x, metadata)
+                        sent.append((core.torch_device(x), segment))
                         yield request
             except Exception as e:  # noqa: BLE001 - re-raised below
                 local_error.append(e)
 
         self._connect()
         assert self._stream is not None
-        call = self._stream(requests(), timeout=timeout, metadata=core.merge_metadata(self.metadata, metadata))
+        call = self._stream(requests(), timeout=timeout, metadata=md)
         try:
             async for response in call:
-                yield core.stream_result(response, devices.popleft())
+                yield core.stream_answer(response, sent, self._segments)
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             if local_error and err.code == grpc.StatusCode.CANCELLED:
@@ -388,5 +404,14 @@ class AsyncClient:
             raise err from None
         finally:
             call.cancel()
+            core.settle_unanswered(self._segments, sent)
         if local_error:
             raise local_error[0]
+
+    async def _stream_request(
+        self, layer: str, mode: "pb.Mode", x: Any, metadata: Optional[Metadata]
+    ) -> tuple[Any, Optional[_shm.Segment]]:
+        """One stream message, and its shared-memory segment (None: the bytes travel)."""
+        if self._segments is None:
+            return core.stream_request(layer, mode, x), None
+        return await self._drive(core.shared_stream_request(self._segments, layer, mode, x), None, metadata)

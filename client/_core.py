@@ -9,22 +9,32 @@ run by each client's driver loop.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.metadata
+import math
 import os
 import uuid
+import warnings
 from typing import Any, Callable, Generator, Generic, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
+import numpy as np
 
-from . import codec
+from . import _shm, codec
 from ._modules import infer_kwargs, load_state_dict, module_spec
 from ._proto import normserve_pb2 as pb
 from .errors import (
     AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
     InvalidArgumentError,
     NormServeError,
     NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnavailableError,
     from_status_value,
 )
 from .types import LayerInfo, NormalizeResult, StateVersion
@@ -205,16 +215,21 @@ def is_torch(x: Any) -> bool:
     return codec.is_torch(x)
 
 
+def _check_torch(x: Any) -> None:
+    """Torch tensors the codec can't send: sparse, quantized, meta."""
+    if str(x.layout) != "torch.strided":
+        raise InvalidArgumentError(f"tensors with layout {x.layout} are not supported; pass a dense (strided) tensor")
+    if x.is_quantized:
+        raise InvalidArgumentError("quantized tensors are not supported; dequantize() them first")
+    if x.device.type == "meta":
+        raise InvalidArgumentError("meta tensors have no data to send")
+
+
 def encode(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
     """A numpy array, torch tensor (any device, any strides) or array-like -> Tensor
     (`out`, filled in place, when given)."""
     if is_torch(x):
-        if str(x.layout) != "torch.strided":
-            raise InvalidArgumentError(f"tensors with layout {x.layout} are not supported; pass a dense (strided) tensor")
-        if x.is_quantized:
-            raise InvalidArgumentError("quantized tensors are not supported; dequantize() them first")
-        if x.device.type == "meta":
-            raise InvalidArgumentError("meta tensors have no data to send")
+        _check_torch(x)
     try:
         return codec.encode(x, out)
     except codec.CodecError as e:
@@ -223,13 +238,34 @@ def encode(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
         raise InvalidArgumentError(f"cannot encode {type(x).__name__} as a tensor: {e}") from None
 
 
+def _check_input_dtype(name: Optional[str]) -> str:
+    if name not in INPUT_DTYPES:
+        raise InvalidArgumentError(f"unsupported input dtype {name}; expected one of {', '.join(INPUT_DTYPES)}")
+    return name
+
+
 def encode_input(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
     """Like `encode`, for normalize inputs: floating dtypes only; fills `out` in place."""
     tensor = encode(x, out)
-    name = codec.DTYPE_NAMES.get(tensor.dtype)
-    if name not in INPUT_DTYPES:
-        raise InvalidArgumentError(f"unsupported input dtype {name}; expected one of {', '.join(INPUT_DTYPES)}")
+    _check_input_dtype(codec.DTYPE_NAMES.get(tensor.dtype))
     return tensor
+
+
+def input_layout(x: Any) -> tuple[Any, str, tuple[int, ...]]:
+    """(x as a numpy array or torch tensor, dtype name, shape) of a normalize input that
+    goes through shared memory; the checks of encode_input."""
+    try:
+        if is_torch(x):
+            _check_torch(x)
+            name = codec.tensor_dtype_name(x)
+        else:
+            x = np.asarray(x)
+            name = codec.array_dtype_name(x)
+    except codec.CodecError as e:
+        raise _invalid(e) from None
+    except (TypeError, ValueError) as e:  # e.g. np.asarray of a ragged list
+        raise InvalidArgumentError(f"cannot encode {type(x).__name__} as a tensor: {e}") from None
+    return x, _check_input_dtype(name), tuple(x.shape)
 
 
 def torch_device(x: Any) -> Any:
@@ -395,6 +431,150 @@ def normalize(layer: str, x: Any, mode: str, given_id: str) -> Call[NormalizeRes
     return Call("Normalize", request, lambda r: normalize_result(r, device))
 
 
+# -- same-host shared memory -------------------------------------------------------------------
+# A region the server dropped (lease expired) answers NOT_FOUND with this in its message.
+_REGION_GONE = "unknown shared-memory region"
+# Errors after which the server may still be working on a request: its segment is not
+# reused (a late write must not land in another call's output).
+_UNSETTLED = (DeadlineExceededError, CancelledError, UnavailableError)
+
+
+def register_region(segment: _shm.Segment) -> Call[float]:
+    """RegisterSharedMemory (or renew it: the same name, key and size); the granted lease."""
+    request = pb.RegisterSharedMemoryRequest(name=segment.name, key=segment.key, byte_size=segment.size)
+    return Call("RegisterSharedMemory", request, lambda r: r.region.lease_seconds)
+
+
+def unregister_region(name: str) -> Call[None]:
+    """UnregisterSharedMemory; a NOT_FOUND after a retry means an earlier attempt did it."""
+    return Call("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=name), lambda r: None, reconcile=_gone)
+
+
+def _warn_once(pool: _shm.SegmentPool, why: str) -> None:
+    if not pool.warned:
+        pool.warned = True
+        warnings.warn(f"normserve: {why}; sending tensors over gRPC", RuntimeWarning, stacklevel=4)
+
+
+def _register(pool: _shm.SegmentPool, segment: _shm.Segment) -> Program[bool]:
+    """Register `segment`; False when the server can't use shared memory (the segment is
+    then dropped, and for lasting reasons the pool is marked unavailable, with a warning)."""
+    try:
+        pool.lease_seconds = yield register_region(segment)
+    except ResourceExhaustedError:  # the server's limits: this call goes over bytes
+        pool.discard(segment)
+        return False
+    except NormServeError as e:
+        # Disabled (FAILED_PRECONDITION), another host (NOT_FOUND: no such segment there),
+        # a server without the RPCs (UNIMPLEMENTED), a token that may not.
+        lasting = (FailedPreconditionError, NotFoundError, PermissionDeniedError)
+        if not isinstance(e, lasting) and e.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        pool.discard(segment)
+        pool.unavailable = f"{e.code.name}: {e.message}"
+        _warn_once(pool, f"the server can't use shared memory ({pool.unavailable})")
+        return False
+    segment.renewed(pool.lease_seconds)
+    return True
+
+
+def shared_request(
+    pool: _shm.SegmentPool, layer: str, value: "pb.Mode", x: Any, given_id: str
+) -> Program[Optional[tuple[pb.NormalizeRequest, _shm.Segment]]]:
+    """A Normalize request whose input is written into a (registered) segment of the pool,
+    and whose output goes next to it; None when the server can't use shared memory. The
+    caller gives the segment back (`pool.settle`) once the answer has been read."""
+    x, name, shape = input_layout(x)
+    nbytes = math.prod(shape) * codec.ITEMSIZE[name]
+    out_at = _shm.output_offset(nbytes)
+    try:
+        segment, retired = pool.take(out_at + nbytes)
+    except OSError as e:  # e.g. /dev/shm full: this call goes over bytes
+        _warn_once(pool, f"cannot create a shared-memory segment for {out_at + nbytes} bytes ({e})")
+        return None
+    try:
+        yield from release_segments(retired)
+        if segment.needs_registering() and not (yield from _register(pool, segment)):
+            return None
+        request = pb.NormalizeRequest(
+            layer=layer, mode=value, request_id=request_id(value, given_id),
+            output_shared_memory=_shm.ref(segment, out_at, nbytes),
+        )
+        request.input.dtype = codec.DTYPE_ENUMS[name]
+        request.input.shape[:] = shape
+        request.input.shared_memory.CopyFrom(_shm.ref(segment, 0, nbytes))
+        _shm.write_input(segment, x, name, shape)
+    except BaseException:
+        pool.settle(segment, clean=True)
+        raise
+    return request, segment
+
+
+def normalize_shared(pool: _shm.SegmentPool, layer: str, x: Any, mode: str, given_id: str) -> Program[NormalizeResult[Any]]:
+    """Normalize through a shared-memory segment: the input is written into it, the server
+    writes the output next to it, and the output is copied out. Falls back to `normalize`
+    (bytes) when the server can't use shared memory."""
+    value = mode_value(mode)
+    prepared = (yield from shared_request(pool, layer, value, x, given_id)) if pool.unavailable is None else None
+    if prepared is None:
+        fallback: NormalizeResult[Any] = yield normalize(layer, x, mode, given_id)
+        return fallback
+    request, segment = prepared
+    device = torch_device(x)
+    call = Call("Normalize", request, lambda r: shared_result(r, segment, device))
+    clean = False
+    try:
+        try:
+            result: NormalizeResult[Any] = yield call
+        except NotFoundError as e:
+            if _REGION_GONE not in e.message:
+                clean = True
+                raise
+            # The lease ran out meanwhile (an idle client): register again and retry once.
+            if not (yield from _register(pool, segment)):
+                result = yield normalize(layer, x, mode, request.request_id)
+                return result
+            result = yield call
+        clean = True
+        segment.renewed(pool.lease_seconds)
+        return result
+    except NormServeError as e:
+        clean = clean or not isinstance(e, _UNSETTLED)
+        raise
+    finally:
+        pool.settle(segment, clean)
+
+
+def shared_result(response: pb.NormalizeResponse, segment: _shm.Segment, device: Any) -> NormalizeResult[Any]:
+    if not response.output.HasField("shared_memory"):
+        return normalize_result(response, device)
+    try:
+        output = _shm.read_output(segment, response.output, device)
+    except codec.CodecError as e:
+        raise _invalid(e) from None
+    return NormalizeResult(
+        output=output, state=state_version(response.state), request_id=response.request_id, replayed=response.replayed
+    )
+
+
+def release_segments(segments: list[_shm.Segment]) -> Program[None]:
+    """Unregister and unlink segments (close(), or segments too small to keep). A server
+    that can't be reached is not waited for: its leases release the regions."""
+    try:
+        for segment in segments:
+            if segment.renew_at == 0.0:
+                continue  # never registered
+            try:
+                yield unregister_region(segment.name)
+            except (UnavailableError, DeadlineExceededError):
+                break
+            except NormServeError:
+                pass
+    finally:
+        for segment in segments:
+            segment.destroy()
+
+
 # -- streams -----------------------------------------------------------------------------------
 def stream_request(layer: str, mode: "pb.Mode", x: Any) -> pb.NormalizeRequest:
     request = pb.NormalizeRequest(layer=layer, mode=mode, request_id=request_id(mode, ""))
@@ -402,13 +582,53 @@ def stream_request(layer: str, mode: "pb.Mode", x: Any) -> pb.NormalizeRequest:
     return request
 
 
-def stream_result(response: pb.NormalizeStreamResponse, device: Any) -> NormalizeResult[Any]:
+def shared_stream_request(
+    pool: _shm.SegmentPool, layer: str, mode: "pb.Mode", x: Any
+) -> Program[tuple[pb.NormalizeRequest, Optional[_shm.Segment]]]:
+    """A stream message through a shared-memory segment (None: over bytes, when the server
+    can't use shared memory)."""
+    if pool.unavailable is None:
+        prepared = yield from shared_request(pool, layer, mode, x, "")
+        if prepared is not None:
+            return prepared
+    return stream_request(layer, mode, x), None
+
+
+def stream_result(
+    response: pb.NormalizeStreamResponse, device: Any, segment: Optional[_shm.Segment] = None
+) -> NormalizeResult[Any]:
     """The result of one stream message, or its error raised (with `.sequence`)."""
     if response.HasField("error"):
         err = from_status_value(response.error.code, response.error.message)
         err.sequence = response.sequence
         raise err
+    if segment is not None:
+        return shared_result(response.response, segment, device)
     return normalize_result(response.response, device)
+
+
+def stream_answer(
+    response: pb.NormalizeStreamResponse,
+    sent: "collections.deque[tuple[Any, Optional[_shm.Segment]]]",
+    pool: Optional[_shm.SegmentPool],
+) -> NormalizeResult[Any]:
+    """The result of the oldest message sent (`sent`: its device and segment), which
+    `response` answers; its segment goes back to the pool."""
+    device, segment = sent.popleft()
+    try:
+        return stream_result(response, device, segment)
+    finally:
+        if segment is not None and pool is not None:
+            pool.settle(segment, clean=True)
+
+
+def settle_unanswered(pool: Optional[_shm.SegmentPool], sent: Iterable[tuple[Any, Optional[_shm.Segment]]]) -> None:
+    """A stream ended: segments of messages never answered may still be written to by
+    the server, so they are dropped, not reused."""
+    if pool is not None:
+        for _, segment in sent:
+            if segment is not None:
+                pool.settle(segment, clean=False)
 
 
 # -- health ------------------------------------------------------------------------------------

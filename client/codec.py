@@ -59,7 +59,8 @@ def check(
     t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes] = None, max_rank: int = MAX_RANK
 ) -> tuple[str, tuple[int, ...]]:
     """Validate a Tensor message; returns (dtype name, shape). Pass `data` when the caller
-    already holds t.data: every access to a bytes field copies it. Over MAX_RANK dims is a
+    already holds t.data: every access to a bytes field copies it. A tensor in shared
+    memory must have no data and a byte_size that matches its shape. Over MAX_RANK dims is a
     malformed tensor; over a lower configured `max_rank`, a limit (TensorLimitExceeded)."""
     name = DTYPE_NAMES.get(t.dtype)
     if name is None:
@@ -81,11 +82,21 @@ def check(
         raise TensorElementsExceeded(
             f"tensor shape {list(shape)} has {count} elements, over the limit max_tensor_elements={max_elements}"
         )
+    if t.HasField("shared_memory"):
+        if t.data if data is None else data:
+            raise CodecError("a tensor carries either data or shared_memory, not both")
+        size, what = t.shared_memory.byte_size, "shared_memory.byte_size is"
+    else:
+        size, what = len(t.data if data is None else data), "data has"
     expected_bytes = count * ITEMSIZE[name]
-    size = len(t.data if data is None else data)
     if size != expected_bytes:
-        raise CodecError(f"tensor data has {size} bytes; shape {list(shape)} of {name} needs {expected_bytes}")
+        raise CodecError(f"tensor {what} {size} bytes; shape {list(shape)} of {name} needs {expected_bytes}")
     return name, shape
+
+
+def _inline_only(t: pb.Tensor) -> None:
+    if t.HasField("shared_memory"):
+        raise CodecError("this tensor must carry its bytes in data: shared_memory is accepted for Normalize inputs only")
 
 
 # -- torch -------------------------------------------------------------------------------
@@ -101,11 +112,30 @@ def to_torch(t: pb.Tensor, max_elements: Optional[int] = None, max_rank: int = M
     """Decode without copying: the tensor views the message's bytes (treat it as read-only)."""
     torch = _torch()
     data = t.data
+    _inline_only(t)
     name, shape = check(t, max_elements, data, max_rank)
     dtype = getattr(torch, name)
     if not data:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
+def torch_view(buffer: Any, name: str, shape: tuple[int, ...], offset: int) -> "torch.Tensor":
+    """A tensor of dtype `name` and `shape` viewing `buffer` (e.g. a shared-memory map) at
+    byte `offset`, without copying; the caller has checked the bounds."""
+    torch = _torch()
+    dtype = getattr(torch, name)
+    count = math.prod(shape)
+    if not count:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+def numpy_view(buffer: Any, name: str, shape: tuple[int, ...], offset: int) -> np.ndarray:
+    """The numpy twin of torch_view (not for bfloat16, which numpy lacks)."""
+    if name not in NUMPY_DTYPES:
+        raise CodecError(f"{name} tensors have no numpy dtype; decode them with torch")
+    return np.frombuffer(buffer, dtype=NUMPY_DTYPES[name], count=math.prod(shape), offset=offset).reshape(shape)
 
 
 def _fill(out: Optional[pb.Tensor], dtype: "pb.DType", shape: Any, data: bytes) -> pb.Tensor:
@@ -120,14 +150,26 @@ def _fill(out: Optional[pb.Tensor], dtype: "pb.DType", shape: Any, data: bytes) 
     return out
 
 
+def tensor_dtype_name(x: "torch.Tensor") -> str:
+    """The wire name of a torch tensor's dtype; CodecError for dtypes the wire lacks."""
+    name = str(x.dtype).removeprefix("torch.")
+    if name not in DTYPE_ENUMS:
+        raise CodecError(f"unsupported tensor dtype {x.dtype}; expected one of {', '.join(DTYPE_ENUMS)}")
+    return name
+
+
+def array_dtype_name(x: np.ndarray) -> str:
+    """The wire name of a numpy array's dtype; CodecError for dtypes the wire lacks."""
+    name = x.dtype.name
+    if name not in NUMPY_DTYPES:
+        raise CodecError(f"unsupported array dtype {x.dtype}; expected one of {', '.join(NUMPY_DTYPES)}")
+    return str(name)
+
+
 def from_torch(x: "torch.Tensor", out: Optional[pb.Tensor] = None) -> pb.Tensor:
     """Encode a torch tensor (any device, any strides) with one copy into the message."""
     torch = _torch()
-    name = str(x.dtype).removeprefix("torch.")
-    if name not in DTYPE_ENUMS:
-        raise CodecError(
-            f"unsupported tensor dtype {x.dtype}; expected one of {', '.join(DTYPE_ENUMS)}"
-        )
+    name = tensor_dtype_name(x)
     x = x.detach().to("cpu").contiguous()
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)  # numpy can't hold bfloat16; the bytes are the same
@@ -138,6 +180,7 @@ def from_torch(x: "torch.Tensor", out: Optional[pb.Tensor] = None) -> pb.Tensor:
 def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None) -> np.ndarray:
     """Decode without copying into a read-only array."""
     data = t.data
+    _inline_only(t)
     name, shape = check(t, max_elements, data)
     if name not in NUMPY_DTYPES:
         raise CodecError(f"{name} tensors have no numpy dtype; decode them with torch")
@@ -146,11 +189,7 @@ def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None) -> np.ndarray:
 
 def from_numpy(x: np.ndarray, out: Optional[pb.Tensor] = None) -> pb.Tensor:
     x = np.asarray(x)
-    name = x.dtype.name
-    if name not in NUMPY_DTYPES:
-        raise CodecError(
-            f"unsupported array dtype {x.dtype}; expected one of {', '.join(NUMPY_DTYPES)}"
-        )
+    name = array_dtype_name(x)
     data = np.ascontiguousarray(x, dtype=NUMPY_DTYPES[name]).tobytes()
     return _fill(out, DTYPE_ENUMS[name], x.shape, data)
 

@@ -30,6 +30,7 @@ from .engine import (
 )
 from .metrics import Metrics
 from .settings import Settings
+from .shm import SharedMemoryManager
 from .transport.auth import Authorizer
 from .transport.servicer import NormServicer, add_to_server
 
@@ -75,6 +76,8 @@ class NormServer:
             if settings.batching == "on"
             else None
         )
+        self.shm = SharedMemoryManager(settings.max_shm_regions, settings.max_shm_bytes, settings.shm_lease_seconds)
+        self.metrics.watch_shared_memory(self.shm.region_count, self.shm.mapped_bytes)
         servicer = NormServicer(
             self.layers,
             self.metrics,
@@ -84,6 +87,7 @@ class NormServer:
             settings.stream_idle_seconds,
             settings.max_tensor_rank,
             self.batching,
+            self.shm,
         )
         add_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -168,6 +172,7 @@ class NormServer:
         if self.settings.drain_seconds:
             time.sleep(self.settings.drain_seconds)
         self._server.stop(grace).wait()
+        self.shm.close()  # no call is running: unmap every client's region
         self.store.close()  # everything acknowledged is on disk now
         self.metrics.stop_http()
         self._stopped.set()

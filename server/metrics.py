@@ -8,7 +8,7 @@ name) so cardinality stays bounded.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -134,6 +134,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.shm_bytes = Counter(
+            "normserve_shared_memory_bytes",
+            "Tensor bytes read from (in) or written to (out) shared-memory regions",
+            ["direction"],
+            registry=r,
+        )
+        self.shm_regions = Gauge("normserve_shared_memory_regions", "Registered shared-memory regions", registry=r)
+        self.shm_mapped = Gauge(
+            "normserve_shared_memory_mapped_bytes", "Bytes of shared memory mapped, all regions together", registry=r
+        )
         self.batch_size = Histogram(
             "normserve_batch_size",
             "Samples per computed batch (the leading dimension)",
@@ -207,6 +217,17 @@ class Metrics:
         queue = self._child(self.batch_queue_duration, kind)
         for seconds in queued:
             queue.observe(seconds)
+
+    def watch_shared_memory(self, regions: Callable[[], int], mapped_bytes: Callable[[], int]) -> None:
+        """Report the region manager's counts at scrape time."""
+        self.shm_regions.set_function(regions)
+        self.shm_mapped.set_function(mapped_bytes)
+
+    def observe_shared_memory(self, bytes_in: int, bytes_out: int) -> None:
+        if bytes_in:
+            self._child(self.shm_bytes, "in").inc(bytes_in)
+        if bytes_out:
+            self._child(self.shm_bytes, "out").inc(bytes_out)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a daemon thread; returns the bound port."""

@@ -62,6 +62,9 @@ class Settings:
     batching: str = "off"
     batch_max_size: int = 64
     batch_max_delay_ms: float = 0.0
+    max_shm_regions: int = 256
+    max_shm_bytes: int = 4 * 1024**3
+    shm_lease_seconds: float = 60.0
 
     HELP = {
         "host": "address to listen on for gRPC (use 0.0.0.0 or :: to listen on all interfaces)",
@@ -109,6 +112,10 @@ class Settings:
         "batch_max_size": "most samples (sum of dim 0) in one batched eval forward",
         "batch_max_delay_ms": "how long a batch formed while the layer was busy may wait for more "
         "requests (0: only those already queued; a request at an idle layer never waits)",
+        "max_shm_regions": "most shared-memory regions registered at once (0 disables shared memory)",
+        "max_shm_bytes": "most bytes of shared memory mapped at once, all regions together",
+        "shm_lease_seconds": "longest lease of a shared-memory region: it is unmapped this long after its "
+        "last registration or use (how soon a vanished client's regions are released)",
     }
 
     @property
@@ -190,6 +197,12 @@ class Settings:
             raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must exceed the stream limit ({self.stream_limit})")
         if not math.isfinite(self.stream_idle_seconds) or self.stream_idle_seconds < 0:
             raise ValueError(f"stream_idle_seconds must be a finite number >= 0, got {self.stream_idle_seconds}")
+        if not 0 <= self.max_shm_regions <= 1 << 16:
+            raise ValueError(f"max_shm_regions must be in [0, {1 << 16}] (0 disables shared memory), got {self.max_shm_regions}")
+        if not 1 <= self.max_shm_bytes <= 1 << 48:
+            raise ValueError(f"max_shm_bytes must be in [1, {1 << 48}], got {self.max_shm_bytes}")
+        if not math.isfinite(self.shm_lease_seconds) or not 0 < self.shm_lease_seconds <= 86400:
+            raise ValueError(f"shm_lease_seconds must be in (0, 86400], got {self.shm_lease_seconds}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.batching not in ("on", "off"):

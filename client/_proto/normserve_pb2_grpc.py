@@ -80,6 +80,21 @@ class NormServiceStub:
                 request_serializer=normserve_dot_v1_dot_normserve__pb2.NormalizeRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_normserve__pb2.NormalizeStreamResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/normserve.v1.NormService/RegisterSharedMemory',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/normserve.v1.NormService/UnregisterSharedMemory',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.ListSharedMemory = channel.unary_unary(
+                '/normserve.v1.NormService/ListSharedMemory',
+                request_serializer=normserve_dot_v1_dot_normserve__pb2.ListSharedMemoryRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normserve__pb2.ListSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class NormServiceServicer:
@@ -143,6 +158,27 @@ class NormServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Map a client's shared-memory segment as a region (or renew its lease).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Drop a region; a request using it at that moment finishes first, then it is unmapped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSharedMemory(self, request, context):
+        """The caller's regions, sorted by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NormServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +226,21 @@ def add_NormServiceServicer_to_server(servicer, server):
                     servicer.NormalizeStream,
                     request_deserializer=normserve_dot_v1_dot_normserve__pb2.NormalizeRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_normserve__pb2.NormalizeStreamResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'ListSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSharedMemory,
+                    request_deserializer=normserve_dot_v1_dot_normserve__pb2.ListSharedMemoryRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normserve__pb2.ListSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +486,87 @@ class NormService:
             '/normserve.v1.NormService/NormalizeStream',
             normserve_dot_v1_dot_normserve__pb2.NormalizeRequest.SerializeToString,
             normserve_dot_v1_dot_normserve__pb2.NormalizeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.NormService/RegisterSharedMemory',
+            normserve_dot_v1_dot_normserve__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.NormService/UnregisterSharedMemory',
+            normserve_dot_v1_dot_normserve__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.NormService/ListSharedMemory',
+            normserve_dot_v1_dot_normserve__pb2.ListSharedMemoryRequest.SerializeToString,
+            normserve_dot_v1_dot_normserve__pb2.ListSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

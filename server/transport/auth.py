@@ -6,7 +6,8 @@ Tokens live in a JSON file, stored only as SHA-256 hex digests:
                  "layer_prefix": "team-a/"}]}
 
 Roles nest: `infer` may run eval requests and read layers; `train` may also run train
-requests; `admin` may also create/delete layers and load/reset state. A token with a
+requests; `admin` may also create/delete layers and load/reset state. Every role may
+register shared-memory regions (its own only: they belong to the token). A token with a
 `layer_prefix` only sees and touches layers whose names start with it. With no tokens file
 the server does no authentication (its default on 127.0.0.1).
 """
@@ -43,9 +44,16 @@ class Action(enum.Enum):
     EVAL = "eval requests"
     TRAIN = "train requests"
     ADMIN = "creating/deleting layers and loading/resetting state"
+    SHARED_MEMORY = "registering shared memory"
 
 
-_NEEDS = {Action.READ: "infer", Action.EVAL: "infer", Action.TRAIN: "train", Action.ADMIN: "admin"}
+_NEEDS = {
+    Action.READ: "infer",
+    Action.EVAL: "infer",
+    Action.TRAIN: "train",
+    Action.ADMIN: "admin",
+    Action.SHARED_MEMORY: "infer",
+}
 
 
 @dataclass(frozen=True)

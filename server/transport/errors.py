@@ -10,6 +10,7 @@ import grpc
 from normserve.client.codec import CodecError, TensorElementsExceeded
 
 from ..engine import errors as e
+from ..shm import ShmDisabled, ShmExists, ShmInvalid, ShmLimitExceeded, ShmNotFound
 from .auth import PermissionDenied, Unauthenticated
 
 log = logging.getLogger("normserve.transport")
@@ -31,6 +32,11 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (TensorElementsExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShmNotFound, grpc.StatusCode.NOT_FOUND),
+    (ShmExists, grpc.StatusCode.ALREADY_EXISTS),
+    (ShmInvalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (ShmLimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShmDisabled, grpc.StatusCode.FAILED_PRECONDITION),
     (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 

@@ -21,6 +21,7 @@ from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
 from ..engine import EvalBatching, InvalidInput, Registry
 from ..metrics import Metrics
+from ..shm import Region, SharedMemoryManager
 from . import convert
 from .auth import Action, Authorizer, Principal, Unauthenticated
 from .errors import status_for
@@ -82,6 +83,17 @@ def _log_request(method: str, mode: str, code: str, seconds: float, request_id: 
             extra={"method": method, "layer": layer, "mode": mode, "code": code,
                    "duration_seconds": seconds, "request_id": request_id},
         )
+
+
+def _owner(principal: Optional[Principal]) -> Optional[str]:
+    """Who a shared-memory region belongs to: the token's name (None: no authentication)."""
+    return None if principal is None else principal.name
+
+
+def _region_info(region: Region) -> pb.SharedMemoryRegion:
+    return pb.SharedMemoryRegion(
+        name=region.name, key=region.key, byte_size=region.byte_size, lease_seconds=region.lease_seconds
+    )
 
 
 class Undecodable:
@@ -176,9 +188,11 @@ class NormServicer(pb_grpc.NormServiceServicer):
         stream_idle_seconds: float = 0.0,
         max_tensor_rank: int = codec.MAX_RANK,
         batching: Optional[EvalBatching] = None,
+        shm: Optional[SharedMemoryManager] = None,
     ):
         self._batching = batching
         self._max_rank = max_tensor_rank
+        self._shm = shm if shm is not None else SharedMemoryManager(0, 1, 1.0)
         self._layers = layers
         self._auth = auth
         self._idle_streams = _IdleStreams(stream_idle_seconds)
@@ -260,14 +274,57 @@ class NormServicer(pb_grpc.NormServiceServicer):
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         layer = self._layers.get(request.layer)
-        x = codec.to_torch(request.input, self._max_elements, self._max_rank)
-        start = perf_counter()
-        result = layer.forward(x, mode == "train", still_wanted, request.request_id, self._batching)
-        self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
-        codec.from_torch(result.output, out=response.output)
+        # Either tensor may be in shared memory; the regions stay mapped until it is done.
+        regions = self._shm.request(_owner(principal))
+        try:
+            if request.input.HasField("shared_memory"):
+                x = regions.input(request.input, self._max_elements, self._max_rank)
+            else:
+                x = codec.to_torch(request.input, self._max_elements, self._max_rank)
+            place = None
+            if request.HasField("output_shared_memory"):  # checked before the layer runs
+                place = regions.output_place(request.output_shared_memory, x)
+            start = perf_counter()
+            result = layer.forward(x, mode == "train", still_wanted, request.request_id, self._batching)
+            self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
+            if place is None:
+                codec.from_torch(result.output, out=response.output)
+            else:
+                regions.write(place, result.output, response.output)
+            del x  # may view a region's mapping: gone before the region may be unmapped
+        finally:
+            regions.release()
+        self._metrics.observe_shared_memory(regions.bytes_in, regions.bytes_out)
         convert.fill_state_version(response.state, result.state)
         response.request_id = request.request_id
         response.replayed = result.replayed
+
+    # -- shared memory -----------------------------------------------------------------
+    @_measured
+    def RegisterSharedMemory(
+        self, request: pb.RegisterSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterSharedMemoryResponse:
+        principal = self._allow(context, Action.SHARED_MEMORY)
+        region = self._shm.register(
+            _owner(principal), request.name, request.key, request.byte_size, request.lease_seconds
+        )
+        return pb.RegisterSharedMemoryResponse(region=_region_info(region))
+
+    @_measured
+    def UnregisterSharedMemory(
+        self, request: pb.UnregisterSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.UnregisterSharedMemoryResponse:
+        principal = self._allow(context, Action.SHARED_MEMORY)
+        self._shm.unregister(_owner(principal), request.name)
+        return pb.UnregisterSharedMemoryResponse()
+
+    @_measured
+    def ListSharedMemory(
+        self, request: pb.ListSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.ListSharedMemoryResponse:
+        principal = self._allow(context, Action.SHARED_MEMORY)
+        regions = self._shm.list(_owner(principal), request.prefix)
+        return pb.ListSharedMemoryResponse(regions=[_region_info(r) for r in regions])
 
     @_measured
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:

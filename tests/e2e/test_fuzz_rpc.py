@@ -93,6 +93,9 @@ UNARY = {
     "GetState": (pb.GetStateRequest, pb.GetStateResponse),
     "LoadState": (pb.LoadStateRequest, pb.LoadStateResponse),
     "Normalize": (pb.NormalizeRequest, pb.NormalizeResponse),
+    "RegisterSharedMemory": (pb.RegisterSharedMemoryRequest, pb.RegisterSharedMemoryResponse),
+    "UnregisterSharedMemory": (pb.UnregisterSharedMemoryRequest, pb.UnregisterSharedMemoryResponse),
+    "ListSharedMemory": (pb.ListSharedMemoryRequest, pb.ListSharedMemoryResponse),
 }
 assert set(UNARY) | {"NormalizeStream"} == set(pb.DESCRIPTOR.services_by_name["NormService"].methods_by_name)
 
@@ -106,7 +109,14 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "GetState": {S.OK, S.NOT_FOUND},
     "LoadState": {S.OK, S.NOT_FOUND, S.INVALID_ARGUMENT, S.RESOURCE_EXHAUSTED, S.ABORTED},
     "Normalize": {S.OK, S.NOT_FOUND, S.INVALID_ARGUMENT, S.RESOURCE_EXHAUSTED},
+    "RegisterSharedMemory": {S.OK, S.NOT_FOUND, S.INVALID_ARGUMENT, S.ALREADY_EXISTS, S.RESOURCE_EXHAUSTED},
+    "UnregisterSharedMemory": {S.OK, S.NOT_FOUND},
+    "ListSharedMemory": {S.OK},
 }
+# A shared-memory segment the fuzzed RegisterSharedMemory requests may name (made by `fz`).
+SEGMENT_KEY = f"normserve-fuzz-{os.getpid()}"
+SEGMENT_BYTES = 4096
+REGIONS = ["fz-r1", "fz-r2"]
 STREAM_MESSAGE_ERRORS = {S.NOT_FOUND.value[0], S.INVALID_ARGUMENT.value[0], S.RESOURCE_EXHAUSTED.value[0]}
 
 # Guard layers: (kind, kwargs, keeps running statistics).
@@ -244,6 +254,10 @@ def check_response(method: str, req, resp) -> None:
             tensor_ok(t)
     elif method in ("GetLayer", "CreateLayer"):
         assert resp.layer.name == req.name and resp.layer.kind
+    elif method == "RegisterSharedMemory":
+        assert resp.region.name == req.name and 0 < resp.region.byte_size <= SEGMENT_BYTES
+    elif method == "ListSharedMemory":
+        assert all(r.name.startswith(req.prefix) for r in resp.regions)
     elif method == "ListLayers":
         assert all(l.name.startswith(req.prefix) for l in resp.layers)
         assert [l.name for l in resp.layers] == sorted(l.name for l in resp.layers)
@@ -267,9 +281,15 @@ def fz():
                 if tracks:
                     for _ in range(3):
                         c.normalize(name, torch.from_numpy(g.normal(1, 2, shape_for(name, 4))).to(dtype), "train")
+        segment = os.open(f"/dev/shm/{SEGMENT_KEY}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(segment, SEGMENT_BYTES)
+        os.close(segment)
         f = Fuzzer(server)
         f.guards = Guards(f.channel)
-        yield f
+        try:
+            yield f
+        finally:
+            os.unlink(f"/dev/shm/{SEGMENT_KEY}")
         f.channel.close()
         server.kill()  # normally gone already (test_server_exits_cleanly_on_sigterm_after_fuzzing)
 
@@ -433,6 +453,17 @@ def requests(draw, method: str):
         return UNARY[method][0](name=name)
     if method == "ListLayers":
         return pb.ListLayersRequest(prefix=draw(st.one_of(st.sampled_from(["", "guard-", "fz-", "zz"]), st.text(max_size=4))))
+    if method == "RegisterSharedMemory":
+        return pb.RegisterSharedMemoryRequest(
+            name=draw(st.one_of(st.sampled_from(REGIONS), st.text(max_size=6))),
+            key=draw(st.one_of(st.just(SEGMENT_KEY), st.just("/" + SEGMENT_KEY), st.sampled_from(["fz-absent", "../x", ""]))),
+            byte_size=draw(st.one_of(st.sampled_from([64, SEGMENT_BYTES]), st.integers(0, 2**64 - 1))),
+            lease_seconds=draw(st.one_of(st.just(0.0), st.floats(allow_nan=True))),
+        )
+    if method == "UnregisterSharedMemory":
+        return pb.UnregisterSharedMemoryRequest(name=draw(st.one_of(st.sampled_from(REGIONS), st.text(max_size=6))))
+    if method == "ListSharedMemory":
+        return pb.ListSharedMemoryRequest(prefix=draw(st.one_of(st.sampled_from(["", "fz-"]), st.text(max_size=3))))
     if method in ("ResetRunningStats", "LoadState"):
         if method == "ResetRunningStats":
             name = draw(names(st.sampled_from([g for g, (_, _, tracks) in GUARDS.items() if tracks] + SCRATCH)))
@@ -493,7 +524,7 @@ def test_mutated_valid_requests_to_every_unary_rpc(fz):
     # (short runs, NORMSERVE_FUZZ_EXAMPLES below the default, skip this).
     for method in UNARY if (FUZZ_EXAMPLES or 1500) >= 1500 else ():
         assert f"{method}:OK" in seen, sorted(seen)
-        if method != "ListLayers":
+        if method not in ("ListLayers", "ListSharedMemory"):
             assert any(k.startswith(f"{method}:") and not k.endswith(":OK") for k in seen), (method, sorted(seen))
     print("\nunary fuzz codes:", dict(sorted(fz.codes.items())), "guard checks:", fz.guards.checks, "accepted guard changes:", fz.guards.accepted_changes)
 

@@ -135,6 +135,13 @@ CALLS = {
     "LoadState": ("LoadState", lambda L: pb.LoadStateRequest(name=L, expected_version=10**9), "admin"),
     "CreateLayer": ("CreateLayer", lambda L: pb.CreateLayerRequest(name=L), "admin"),
     "DeleteLayer": ("DeleteLayer", lambda L: pb.DeleteLayerRequest(name=L + "-absent"), "admin"),
+    "RegisterSharedMemory": (
+        "RegisterSharedMemory",
+        lambda L: pb.RegisterSharedMemoryRequest(name="r", key="normserve-absent-segment", byte_size=64),
+        "infer",
+    ),
+    "UnregisterSharedMemory": ("UnregisterSharedMemory", lambda L: pb.UnregisterSharedMemoryRequest(name="absent"), "infer"),
+    "ListSharedMemory": ("ListSharedMemory", lambda L: pb.ListSharedMemoryRequest(), "infer"),
 }
 RANK = {"none": -1, "wrong": -1, "infer": 0, "train": 1, "admin": 2}
 

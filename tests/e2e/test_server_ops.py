@@ -45,6 +45,7 @@ REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 NORM_METHODS = {
     "CreateLayer", "GetLayer", "ListLayers", "DeleteLayer", "ResetRunningStats",
     "GetState", "LoadState", "Normalize", "NormalizeStream",
+    "RegisterSharedMemory", "UnregisterSharedMemory", "ListSharedMemory",
 }
 RPC_TIMEOUT = 30
 W3_SHAPE = (32, 3, 224, 224)

@@ -56,7 +56,11 @@ def test_authentication_off_without_a_tokens_file():
 
 @pytest.mark.parametrize(
     "role, allowed",
-    [("infer", {Action.READ, Action.EVAL}), ("train", {Action.READ, Action.EVAL, Action.TRAIN}), ("admin", set(Action))],
+    [
+        ("infer", {Action.READ, Action.EVAL, Action.SHARED_MEMORY}),
+        ("train", {Action.READ, Action.EVAL, Action.TRAIN, Action.SHARED_MEMORY}),
+        ("admin", set(Action)),
+    ],
 )
 def test_roles_nest(role, allowed):
     for action in Action:

@@ -158,9 +158,14 @@ def test_non_contiguous_torch_is_sent_in_c_order(dtype):
 
 
 # -- zero-copy decode ----------------------------------------------------------------------
+def _no_field(name: str) -> bool:
+    """HasField of a stand-in message whose only fields are dtype, shape and data."""
+    return False
+
+
 def test_to_numpy_views_the_message_bytes():
     data = np.arange(24, dtype="<f4").tobytes()
-    msg = SimpleNamespace(dtype=pb.DTYPE_FLOAT32, shape=[2, 3, 4], data=data)
+    msg = SimpleNamespace(dtype=pb.DTYPE_FLOAT32, shape=[2, 3, 4], data=data, HasField=_no_field)
     y = codec.to_numpy(msg)
     assert np.shares_memory(y, np.frombuffer(data, dtype=np.uint8))
     assert y.ctypes.data == _address(data)
@@ -175,7 +180,7 @@ def test_to_numpy_views_the_message_bytes():
 @pytest.mark.parametrize("dtype", TORCH_DTYPES)
 def test_to_torch_views_the_message_bytes(dtype):
     data = codec.from_torch(_torch_sample(dtype)).data
-    msg = SimpleNamespace(dtype=ENUM[dtype], shape=[2, 3, 4], data=data)
+    msg = SimpleNamespace(dtype=ENUM[dtype], shape=[2, 3, 4], data=data, HasField=_no_field)
     y = codec.to_torch(msg)
     start = _address(data)
     assert y.data_ptr() == start

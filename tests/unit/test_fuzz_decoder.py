@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -51,6 +52,7 @@ from normserve.client._proto import normserve_pb2 as pb
 from normserve.client.codec import CodecError, TensorElementsExceeded
 from normserve.server.engine import EngineError, InvalidInput, InvalidSpec, LayerConfig, Registry, make_config
 from normserve.server.engine.specs import MAX_FEATURES, build_module, state_bytes
+from normserve.server.shm import SharedMemoryManager, ShmError
 from normserve.server.transport import convert
 
 # -- run length ----------------------------------------------------------------------------
@@ -573,6 +575,17 @@ def valid_requests(draw, method: str):
         return req
     if method == "GetLayer":
         return pb.GetLayerRequest(name=name)
+    if method == "RegisterSharedMemory":
+        return pb.RegisterSharedMemoryRequest(
+            name=draw(st.one_of(st.just("r1"), st.text(max_size=5))),
+            key=draw(st.one_of(st.just(SEGMENT_KEY), st.sampled_from(["absent", "../x", ""]))),
+            byte_size=draw(st.one_of(st.just(64), st.integers(0, 2**64 - 1))),
+            lease_seconds=draw(st.one_of(st.just(0.0), st.floats(allow_nan=True))),
+        )
+    if method == "UnregisterSharedMemory":
+        return pb.UnregisterSharedMemoryRequest(name=draw(st.one_of(st.just("r1"), st.text(max_size=5))))
+    if method == "ListSharedMemory":
+        return pb.ListSharedMemoryRequest(prefix=draw(st.one_of(st.just(""), st.text(max_size=3))))
     if method == "ListLayers":
         return pb.ListLayersRequest(prefix=draw(st.one_of(st.sampled_from(["", "b", "bn", "zz"]), st.text(max_size=4))))
     if method == "DeleteLayer":
@@ -608,6 +621,9 @@ REQUEST_TYPES = {
     "GetState": pb.GetStateRequest,
     "LoadState": pb.LoadStateRequest,
     "Normalize": pb.NormalizeRequest,
+    "RegisterSharedMemory": pb.RegisterSharedMemoryRequest,
+    "UnregisterSharedMemory": pb.UnregisterSharedMemoryRequest,
+    "ListSharedMemory": pb.ListSharedMemoryRequest,
 }
 # Request types and the service agree (a new RPC needs a branch in serve_locally).
 assert set(REQUEST_TYPES) | {"NormalizeStream"} == set(pb.DESCRIPTOR.services_by_name["NormService"].methods_by_name)
@@ -637,6 +653,12 @@ def serve_locally(registry: Registry, method: str, req) -> None:
     elif method == "LoadState":
         layer = registry.get(req.name)
         layer.load_state(convert.decode_state(req.state, MAX_ELEMENTS), expected)
+    elif method == "RegisterSharedMemory":
+        _shm_manager().register(None, req.name, req.key, req.byte_size, req.lease_seconds)
+    elif method == "UnregisterSharedMemory":
+        _shm_manager().unregister(None, req.name)
+    elif method == "ListSharedMemory":
+        _shm_manager().list(None, req.prefix)
     else:
         if req.mode not in _MODES:
             raise InvalidInput(f"unknown mode {req.mode}")
@@ -645,6 +667,20 @@ def serve_locally(registry: Registry, method: str, req) -> None:
         result = layer.forward(x, _MODES[req.mode] == "train", None, req.request_id)
         out = codec.from_torch(result.output)
         assert list(out.shape) == list(req.input.shape)
+
+
+SEGMENT_KEY = "segment"
+_SHM: list[SharedMemoryManager] = []
+
+
+def _shm_manager() -> SharedMemoryManager:
+    """A region manager over a directory holding one 4 KiB segment (not /dev/shm)."""
+    if not _SHM:
+        directory = tempfile.mkdtemp(prefix="normserve-fuzz-shm-")
+        with open(os.path.join(directory, SEGMENT_KEY), "wb") as f:
+            f.truncate(4096)
+        _SHM.append(SharedMemoryManager(2, 1 << 20, 60.0, shm_dir=directory))
+    return _SHM[0]
 
 
 def _snapshot(registry: Registry, name: str):
@@ -681,7 +717,7 @@ def test_arbitrary_bytes_parse_then_decode_with_domain_errors_only(method):
         before = _snapshot(registry, target)
         try:
             serve_locally(registry, method, req)
-        except (CodecError, EngineError) as e:
+        except (CodecError, EngineError, ShmError) as e:
             counts["refused"] += 1
             assert str(e)
             # A refused request (a refused create included) leaves the layer it names as it was.
@@ -697,4 +733,4 @@ def test_arbitrary_bytes_parse_then_decode_with_domain_errors_only(method):
         return
     assert counts["refused"] + counts["ok"] > counts["undecodable"] / 4, counts
     assert counts["ok"] > 0, counts
-    assert counts["refused"] > 0 or method == "ListLayers", counts
+    assert counts["refused"] > 0 or method in ("ListLayers", "ListSharedMemory"), counts

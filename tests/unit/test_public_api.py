@@ -99,8 +99,10 @@ def test_constructors_take_the_same_arguments():
         (p.name, p.kind, p.default) for p in a.parameters.values()
     ]
     for name in ("timeout", "metadata", "credentials", "compression", "retry", "keepalive_time",
-                 "keepalive_timeout", "max_message_bytes", "interceptors", "options"):
+                 "keepalive_timeout", "max_message_bytes", "interceptors", "options", "shared_memory"):
         assert name in s.parameters
+    # Same-host shared memory is opt-in: the server must be on this host.
+    assert s.parameters["shared_memory"].default is False
 
 
 def test_errors_module_is_pinned():

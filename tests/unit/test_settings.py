@@ -51,6 +51,9 @@ VALID = {
     "batching": ("on", "on"),
     "batch_max_size": ("8", 8),
     "batch_max_delay_ms": ("0.5", 0.5),
+    "max_shm_regions": ("0", 0),
+    "max_shm_bytes": ("1048576", 1048576),
+    "shm_lease_seconds": ("2.5", 2.5),
 }
 
 W3_BATCH_BYTES = 32 * 3 * 224 * 224 * 4  # a (32, 3, 224, 224) float32 batch
@@ -218,6 +221,10 @@ def test_unparseable_env_values_rejected(var, raw):
         ("batch_max_size", -4),
         ("batch_max_delay_ms", -1.0),
         ("batch_max_delay_ms", 5000.0),
+        ("max_shm_regions", -1),
+        ("max_shm_bytes", 0),
+        ("shm_lease_seconds", 0.0),
+        ("shm_lease_seconds", float("inf")),
     ],
 )
 def test_out_of_range_values_rejected(field, value):
