@@ -43,6 +43,7 @@ ITEMSIZE: dict[str, int] = {"float32": 4, "float64": 8, "float16": 2, "bfloat16"
 NUMPY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<") for name in ("float32", "float64", "float16", "int64")
 }
+_NAMES_OF_NUMPY_DTYPES: dict[np.dtype, str] = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
 MAX_RANK = 8
 
@@ -73,11 +74,13 @@ def check(
         raise CodecError(f"tensor rank {len(shape)} exceeds the maximum of {MAX_RANK}")
     if len(shape) > max_rank:
         raise TensorElementsExceeded(f"tensor rank {len(shape)} is over the limit max_tensor_rank={max_rank}")
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
-    if math.prod(max(d, 1) for d in shape) * ITEMSIZE[name] >= 1 << 62:
-        raise CodecError(f"tensor shape {list(shape)} is too large (its size in bytes overflows 62 bits)")
     count = math.prod(shape)
+    # With a zero dim the other dims may still be absurd: check them as if each were >= 1.
+    extent = count if count else math.prod(max(d, 1) for d in shape)
+    if extent * ITEMSIZE[name] >= 1 << 62:
+        raise CodecError(f"tensor shape {list(shape)} is too large (its size in bytes overflows 62 bits)")
     if max_elements is not None and count > max_elements:
         raise TensorElementsExceeded(
             f"tensor shape {list(shape)} has {count} elements, over the limit max_tensor_elements={max_elements}"
@@ -160,7 +163,10 @@ def tensor_dtype_name(x: "torch.Tensor") -> str:
 
 def array_dtype_name(x: np.ndarray) -> str:
     """The wire name of a numpy array's dtype; CodecError for dtypes the wire lacks."""
-    name = x.dtype.name
+    name = _NAMES_OF_NUMPY_DTYPES.get(x.dtype)  # a dict lookup: dtype.name is slow
+    if name is not None:
+        return name
+    name = x.dtype.name  # e.g. another byte order
     if name not in NUMPY_DTYPES:
         raise CodecError(f"unsupported array dtype {x.dtype}; expected one of {', '.join(NUMPY_DTYPES)}")
     return str(name)
