@@ -180,8 +180,9 @@ class Settings:
         if not math.isfinite(self.flush_interval_seconds) or self.flush_interval_seconds <= 0:
             raise ValueError(f"flush_interval_seconds must be a finite number > 0, got {self.flush_interval_seconds}")
         if self.store and not re.match(r"(redis|rediss|unix)://", self.store):
+            scheme = self.store.partition(":")[0][:20]  # never echo the URL: it may hold a password
             raise ValueError(
-                f"store must be empty (embedded) or a redis://, rediss:// or unix:// URL, got {self.store!r}"
+                f"store must be empty (embedded) or a redis://, rediss:// or unix:// URL, got one starting {scheme!r}"
             )
         if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", self.store_prefix):
             raise ValueError(f"store_prefix must be 1-64 letters, digits or . _ : -, got {self.store_prefix!r}")

@@ -66,8 +66,20 @@ class ShmLimitExceeded(ShmError):
     """max_shm_regions or max_shm_bytes would be exceeded."""
 
 
+class ShmForbidden(ShmError):
+    """The caller may not map this segment (another user's, or not on the server's host)."""
+
+
 class ShmDisabled(ShmError):
     """Shared memory is turned off on this server (max_shm_regions=0)."""
+
+
+def _inode(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
 
 
 @dataclass(eq=False)
@@ -79,6 +91,7 @@ class Region:
     lease_seconds: float
     buffer: mmap.mmap
     fd: int  # kept open to check at each use that the segment was not shrunk
+    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino): a segment unlinked and created again is another one
     expires: float = 0.0
     users: int = 0
     dropped: bool = False
@@ -227,11 +240,14 @@ class SharedMemoryManager:
             if self._closed:
                 raise ShmDisabled("the server is shutting down")
             existing = self._regions.get(name)
-            if existing is not None:
-                if existing.owner == owner and existing.key == key and existing.byte_size == byte_size:
+            if existing is not None and existing.owner == owner and existing.key == key and existing.byte_size == byte_size:
+                if existing.inode == _inode(os.path.join(self.shm_dir, key)):
                     existing.lease_seconds = lease
                     existing.renew(time.monotonic())
                     return existing
+                self._drop(existing)  # the client made a new segment under the same key: map that one
+                existing = None
+            if existing is not None:
                 raise ShmExists(
                     f"shared-memory region {name!r} is already registered (with another key, size or owner); "
                     "unregister it first or pick another name"
@@ -247,7 +263,8 @@ class SharedMemoryManager:
                     f"over the limit max_shm_bytes={self.max_bytes}"
                 )
             buffer, fd = self._map(key, byte_size)
-            region = Region(name, key, owner, byte_size, lease, buffer, fd)
+            st = os.fstat(fd)
+            region = Region(name, key, owner, byte_size, lease, buffer, fd, (st.st_dev, st.st_ino))
             region.renew(time.monotonic())
             self._regions[name] = region
             self._mapped += byte_size
@@ -270,6 +287,13 @@ class SharedMemoryManager:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ShmInvalid(f"{path} is not a shared-memory segment")
+            if st.st_uid != os.geteuid():
+                # The server opens the file on the caller's behalf: it must not become a way
+                # into another user's memory (a root server would otherwise open anyone's).
+                raise ShmForbidden(
+                    f"shared-memory segment {path} belongs to uid {st.st_uid}; this server maps only "
+                    f"segments of its own user (uid {os.geteuid()})"
+                )
             if st.st_size < byte_size:
                 raise ShmInvalid(f"shared-memory segment {path} has {st.st_size} bytes; byte_size asks for {byte_size}")
             return mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE), fd

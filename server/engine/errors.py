@@ -39,3 +39,8 @@ class VersionConflict(EngineError):
 
 class StoreUnavailable(EngineError):
     """The shared store can't be reached, or this replica's copy is older than promised."""
+
+
+class LayerUnreadable(StoreUnavailable):
+    """The shared store holds a record of this layer that can't be used here (damaged, or
+    a spec this server can't build); other layers are unaffected."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import InvalidInput, LayerNotFound, NoRunningStats, RequestAbandoned, VersionConflict
 from .specs import LayerConfig, build_module, spatial_dims
-from .shared import AlreadyApplied, StaleState
+from .shared import AlreadyApplied, StaleState, Superseded
 from .store import LayerRecord, StateStore
 
 if TYPE_CHECKING:
@@ -280,13 +280,14 @@ class Layer:
                 try:
                     version, ticket = self._commit(snap, work, request_id)
                 except StaleState as stale:
-                    self._install(stale.record)
+                    # The store's word goes, even when older than this copy (it lost writes).
+                    self._install(stale.record, force=True)
                     continue
                 except AlreadyApplied as done:
                     applied = StateVersion(done.version, done.num_batches_tracked)
                     return _Committed(applied, None, snap, work, queued, replayed=True)
-                except LayerNotFound:
-                    self.deleted = True
+                except (LayerNotFound, Superseded):
+                    self.deleted = True  # the registry fetches the layer again on the next request
                     raise
                 return _Committed(version, ticket, snap, work, queued)
         raise VersionConflict(
@@ -294,14 +295,24 @@ class Layer:
             "nothing was applied, retry"
         )
 
-    def install(self, record: LayerRecord) -> None:
-        """Adopt a newer state another replica committed (shared stores only)."""
+    def install(self, record: LayerRecord, refetch: Callable[[], Optional[tuple[int, LayerRecord]]]) -> None:
+        """Adopt the state another replica committed (shared stores only). A record older
+        than this copy means either a fetch that raced this replica's own commit, or a store
+        that lost writes: under the write lock (no commit of ours can race) `refetch()`
+        tells which, and the store's state is taken."""
         with self._write_lock:
-            self._install(record)
+            if record.version < self._snapshot.version.version:
+                found = refetch()
+                if found is None or found[0] != self.incarnation:
+                    return  # deleted or created again: the registry's business
+                record = found[1]
+                self._install(record, force=record.version != self._snapshot.version.version)
+            else:
+                self._install(record)
 
-    def _install(self, record: LayerRecord) -> None:
+    def _install(self, record: LayerRecord, force: bool = False) -> None:
         snap = self._snapshot
-        if record.version > snap.version.version:
+        if force or record.version > snap.version.version:
             work = self._loaded(snap.module, record.state)
             self._snapshot = _Snapshot(work, _state_version(work, record.version))
 

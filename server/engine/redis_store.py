@@ -7,6 +7,8 @@ Keys (P = the prefix, default "normserve"):
     P:ids:<name>     hash  train request id -> "<version>:<num_batches_tracked>"
     P:idq:<name>     list  those ids, oldest first (trimmed to the idempotency window)
     P:incarnations   counter, one number per layer creation
+    P:epoch          random id set when the index is first read: a new one means the data
+                     was lost (Redis emptied or replaced), and replicas reload everything
     P:changes        pub/sub channel: "<name>\\t<incarnation>\\t<version or -1>"
 
 Every change is one Lua script, which Redis runs atomically: the version check, the id
@@ -18,13 +20,14 @@ durable that is is Redis's configuration (appendonly yes + appendfsync always|ev
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
+import uuid
 from typing import Any, Callable, Optional
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .errors import LayerExists, LayerNotFound, LimitExceeded, StoreUnavailable
-from .shared import DELETED, AlreadyApplied, Index, SharedStore, StaleState
+from .errors import LayerExists, LayerNotFound, LayerUnreadable, LimitExceeded, StoreUnavailable
+from .shared import DELETED, AlreadyApplied, Index, SharedStore, StaleState, Superseded
 from .store import LayerRecord, encode_record, read_records
 
 log = logging.getLogger("normserve.store")
@@ -45,7 +48,7 @@ local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if not cur then return {'gone'} end
 local sep = string.find(cur, ':', 1, true)
 local inc = string.sub(cur, 1, sep - 1)
-if inc ~= ARGV[2] then return {'gone'} end
+if inc ~= ARGV[2] then return {'recreated'} end
 if ARGV[5] ~= '' then
   local done = redis.call('HGET', KEYS[3], ARGV[5])
   if done then return {'applied', done} end
@@ -76,19 +79,38 @@ return {'ok'}
 """
 
 _INDEX = """
-return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]) or '0'}
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[3], epoch)
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]) or '0', epoch}
 """
 
 
 def redacted(url: str) -> str:
-    """The URL without its password."""
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+    """The URL without its password (in the user part or as a query argument)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" not in netloc and "password" not in parts.query.lower():
+        return url
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = urlencode(
+        [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
+        safe="*",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def _decode(data: bytes) -> LayerRecord:
+def _decode(data: Optional[bytes], name: str) -> LayerRecord:
+    if data is None:  # e.g. evicted: run Redis with maxmemory-policy noeviction
+        raise LayerUnreadable(f"layer {name!r}: its record is missing from Redis (evicted?)")
     report = read_records(data)
     if len(report.records) != 1:
-        raise StoreUnavailable(f"a layer record in Redis is damaged: {report.damaged or 'empty'}")
+        raise LayerUnreadable(f"layer {name!r}: its record in Redis is damaged: {report.damaged or 'empty'}")
     return report.records[0]
 
 
@@ -111,6 +133,7 @@ class RedisStore(SharedStore):
         self._index_key = f"{prefix}:index"
         self._top_key = f"{prefix}:incarnations"
         self._channel = f"{prefix}:changes"
+        self._epoch_key = f"{prefix}:epoch"
         self._prefix = prefix
         self._create = self._redis.register_script(_CREATE)
         self._commit = self._redis.register_script(_COMMIT)
@@ -153,10 +176,15 @@ class RedisStore(SharedStore):
             return
         if reply[0] == b"applied":
             raise AlreadyApplied(*_pair(reply[1]))
+        if reply[0] == b"recreated":
+            raise Superseded(
+                f"layer {record.name!r} was deleted and created again on another replica while this "
+                "request ran; nothing was applied, retry"
+            )
         if reply[0] == b"stale":
             with self._count_lock:
                 self.conflicts += 1
-            raise StaleState(_decode(reply[1]))
+            raise StaleState(_decode(reply[1], record.name))
         raise LayerNotFound(f"layer {record.name!r} not found (deleted)")
 
     def delete(self, name: str, incarnation: int) -> None:
@@ -170,14 +198,15 @@ class RedisStore(SharedStore):
             inc, data = self._redis.hmget(self._keys(name)[1], ["inc", "record"])
         except self._errors as e:
             raise StoreUnavailable(f"state store {self.url} unavailable: {e}") from None
-        if inc is None or data is None:
+        if inc is None:
             return None
-        return int(inc), _decode(data)
+        return int(inc), _decode(data, name)
 
-    def index(self) -> tuple[Index, int]:
-        flat, top = self._call(self._index, [self._index_key, self._top_key], [], "index read")
+    def index(self) -> tuple[Index, int, str]:
+        keys = [self._index_key, self._top_key, self._epoch_key]
+        flat, top, epoch = self._call(self._index, keys, [uuid.uuid4().hex], "index read")
         it = iter(flat)
-        return {name.decode(): _pair(value) for name, value in zip(it, it)}, int(top)
+        return {name.decode(): _pair(value) for name, value in zip(it, it)}, int(top), epoch.decode()
 
     def recover(self) -> list[LayerRecord]:
         return []  # the registry reads the index and fetches what it needs
@@ -197,13 +226,13 @@ class RedisStore(SharedStore):
             )
 
     # -- following other replicas ------------------------------------------------------
-    def watch(self, on_change: Callable[[str, int, int], None], on_index: Callable[[Index, int], None]) -> None:
+    def watch(self, on_change: Callable[[str, int, int], None], on_index: Callable[[Index, int, str], None]) -> None:
         self._follower = threading.Thread(
             target=self._follow, args=(on_change, on_index), name="normserve-store-follower", daemon=True
         )
         self._follower.start()
 
-    def _follow(self, on_change: Callable[[str, int, int], None], on_index: Callable[[Index, int], None]) -> None:
+    def _follow(self, on_change: Callable[[str, int, int], None], on_index: Callable[[Index, int, str], None]) -> None:
         pubsub = None
         next_index = 0.0
         failing = False
@@ -226,10 +255,13 @@ class RedisStore(SharedStore):
                 latest: dict[tuple[str, int], int] = {}
                 message = pubsub.get_message(timeout=max(0.0, next_index - time.monotonic()))
                 while message is not None:
-                    name, inc, version = message["data"].decode().split("\t")
-                    key = (name, int(inc))
-                    v = int(version)
-                    latest[key] = DELETED if DELETED in (v, latest.get(key)) else max(v, latest.get(key, v))
+                    try:
+                        name, inc, version = message["data"].decode().split("\t")
+                        key, v = (name, int(inc)), int(version)
+                    except (ValueError, UnicodeDecodeError):
+                        log.warning("ignoring a malformed notification on %s: %r", self._channel, message["data"][:100])
+                    else:
+                        latest[key] = DELETED if DELETED in (v, latest.get(key)) else max(v, latest.get(key, v))
                     message = pubsub.get_message(timeout=0)
                 for (name, inc), version in latest.items():
                     on_change(name, inc, version)

@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .errors import InvalidSpec, LayerExists, LayerNotFound, LimitExceeded
+from .errors import InvalidSpec, LayerExists, LayerNotFound, LayerUnreadable, LimitExceeded
 from .layer import Layer
 from .shared import DELETED, Index, SharedStore
 from .specs import LayerConfig, make_config, state_bytes
@@ -55,6 +55,11 @@ class Registry:
         self._layers: dict[str, Layer] = {}
         self._lock = threading.Lock()
         self.shared: Optional[SharedStore] = self.store if isinstance(self.store, SharedStore) else None
+        # Shared stores only: the highest incarnation of each name seen deleted, and layers
+        # whose record in the store can't be used here (name -> why).
+        self._gone: dict[str, int] = {}
+        self._unreadable: dict[str, str] = {}
+        self._epoch: Optional[str] = None
         self.store.bind(self.records)
 
     def recover(self) -> int:
@@ -129,11 +134,15 @@ class Registry:
         return layer
 
     def get(self, name: str) -> Layer:
+        layer = self._layers.get(name)
         if self.shared is not None:
             self.shared.check_fresh()
-        layer = self._layers.get(name)
-        if layer is None and self.shared is not None:
-            layer = self._refresh(name)  # created on another replica moments ago?
+            if layer is None or layer.deleted:
+                # Created (or created again) on another replica moments ago?
+                unreadable = self._unreadable.get(name)
+                if unreadable is not None:
+                    raise LayerUnreadable(unreadable)
+                layer = self._refresh(name)
         if layer is None:
             raise LayerNotFound(f"layer {name!r} not found")
         return layer
@@ -150,7 +159,15 @@ class Registry:
     def delete(self, name: str) -> None:
         if self.shared is not None:
             layer = self.get(name)
-            self.shared.delete(name, layer.incarnation)
+            try:
+                self.shared.delete(name, layer.incarnation)
+            except LayerNotFound:
+                # This copy may be an older incarnation: delete the layer the store holds now.
+                current = self._refresh(name)
+                if current is None or current.incarnation == layer.incarnation:
+                    raise
+                self.shared.delete(name, current.incarnation)
+                layer = current
             self._forget(layer)
             return
         with self._lock:
@@ -171,12 +188,29 @@ class Registry:
     def _apply_change(self, name: str, incarnation: int, version: int) -> None:
         layer = self._layers.get(name)
         if version == DELETED:
+            with self._lock:  # also when not cached: a fetch in flight must not bring it back
+                self._gone[name] = max(self._gone.get(name, 0), incarnation)
             if layer is not None and layer.incarnation == incarnation:
                 self._forget(layer)
-        elif layer is None or layer.incarnation < incarnation or layer.version.version < version:
-            self._refresh(name)
+        elif layer is None or layer.incarnation != incarnation or layer.version.version != version:
+            try:
+                self._refresh(name)
+            except LayerUnreadable as e:  # this layer only: the others stay served
+                if self._unreadable.get(name) != str(e):
+                    log.error("%s", e)
+                self._unreadable[name] = str(e)
 
-    def _apply_index(self, index: Index, top: int) -> None:
+    def _apply_index(self, index: Index, top: int, epoch: str) -> None:
+        if self._epoch is not None and epoch != self._epoch:
+            # The store was emptied or replaced (its epoch key is new): nothing cached can be
+            # trusted to match it, and incarnation numbers may be given out again.
+            log.error("the shared store was reset (epoch %s -> %s): reloading every layer", self._epoch, epoch)
+            with self._lock:
+                cached = list(self._layers.values())
+            for layer in cached:
+                self._forget(layer)
+            self._gone.clear()
+        self._epoch = epoch
         for name, (incarnation, version) in index.items():
             self._apply_change(name, incarnation, version)
         with self._lock:
@@ -184,33 +218,46 @@ class Registry:
             gone = [l for n, l in self._layers.items() if n not in index and l.incarnation <= top]
         for layer in gone:
             self._forget(layer)
+        for name in [n for n in self._unreadable if n not in index]:
+            self._unreadable.pop(name, None)
 
     def _refresh(self, name: str) -> Optional[Layer]:
-        """Bring `name` up to the store's state; None when the store has no such layer."""
+        """Bring `name` up to the store's state; None when the store has no such layer.
+        Raises LayerUnreadable when the store's record can't be used here."""
         assert self.shared is not None
-        found = self.shared.fetch(name)
+        shared = self.shared
+        # Read before the fetch: a layer installed after it (a concurrent create) is newer
+        # than what the fetch saw and must not be dropped on its account.
         current = self._layers.get(name)
+        found = shared.fetch(name)
         if found is None:
             if current is not None:
                 self._forget(current)
             return None
         incarnation, record = found
-        if current is not None and current.incarnation == incarnation:
-            current.install(record)
-            return current
-        if current is not None and current.incarnation > incarnation:
-            return current
         try:
-            layer = self._layer(name, make_config(record.kind, **record.args), record.state, record, incarnation)
-        except Exception as e:
-            log.error("cannot build layer %r (%s) from the shared store: %s", name, record.kind, e)
-            return None
-        with self._lock:
-            current = self._layers.get(name)
-            if current is not None and current.incarnation >= incarnation:
+            if current is not None and current.incarnation == incarnation:
+                current.install(record, refetch=lambda: shared.fetch(name))
+                layer = current
+            elif current is not None and current.incarnation > incarnation:
                 return current
-            if current is not None:
-                current.deleted = True
+            else:
+                layer = self._layer(name, make_config(record.kind, **record.args), record.state, record, incarnation)
+        except LayerUnreadable:
+            raise
+        except Exception as e:
+            raise LayerUnreadable(f"layer {name!r} ({record.kind}) in the shared store can't be used here: {e}") from e
+        self._unreadable.pop(name, None)
+        if layer is current:
+            return layer
+        with self._lock:
+            now = self._layers.get(name)
+            if now is not None and now.incarnation >= incarnation:
+                return now
+            if incarnation <= self._gone.get(name, 0):
+                return None  # deleted while it was being fetched
+            if now is not None:
+                now.deleted = True
             self._layers[name] = layer
         return layer
 
@@ -219,3 +266,6 @@ class Registry:
             if self._layers.get(layer.name) is layer:
                 del self._layers[layer.name]
             layer.deleted = True
+            if self.shared is not None:
+                # A fetch that began before the deletion must not bring this one back.
+                self._gone[layer.name] = max(self._gone.get(layer.name, 0), layer.incarnation)

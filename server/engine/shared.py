@@ -29,6 +29,11 @@ class StaleState(Exception):
         self.record = record
 
 
+class Superseded(StoreUnavailable):
+    """The layer this replica computed on was deleted and created again elsewhere: nothing
+    was applied, and a retry (UNAVAILABLE) reaches the new layer."""
+
+
 class AlreadyApplied(Exception):
     """The train request id was already applied (by any replica): the state it produced."""
 
@@ -55,7 +60,7 @@ class SharedStore(StateStore):
     def commit(self, record: LayerRecord, incarnation: int, base_version: int, request_id: str, window: int) -> None:
         """Store `record` (version base_version + 1) if the layer is still at
         `base_version`. Raises StaleState, AlreadyApplied (request_id seen among the
-        layer's last `window` ids) or LayerNotFound (deleted, or created again)."""
+        layer's last `window` ids), LayerNotFound (deleted) or Superseded (created again)."""
         raise NotImplementedError
 
     def delete(self, name: str, incarnation: int) -> None:
@@ -65,15 +70,16 @@ class SharedStore(StateStore):
         """The layer's (incarnation, record), or None when it does not exist."""
         raise NotImplementedError
 
-    def index(self) -> tuple[Index, int]:
-        """Every layer's incarnation and version, plus the highest incarnation given so
-        far, read atomically (a layer with a higher incarnation was created later)."""
+    def index(self) -> tuple[Index, int, str]:
+        """Every layer's incarnation and version, the highest incarnation given so far (a
+        layer with a higher one was created later) and the store's epoch (a new one when the
+        store was emptied or replaced), read atomically."""
         raise NotImplementedError
 
-    def watch(self, on_change: Callable[[str, int, int], None], on_index: Callable[[Index, int], None]) -> None:
+    def watch(self, on_change: Callable[[str, int, int], None], on_index: Callable[[Index, int, str], None]) -> None:
         """Start following the store: `on_change(name, incarnation, version)` per
-        notification (version DELETED for a deletion), `on_index(index, top)` at least
-        every `refresh_seconds`."""
+        notification (version DELETED for a deletion), `on_index(*index())` at least every
+        `refresh_seconds`."""
         raise NotImplementedError
 
     def sync_age(self) -> float:

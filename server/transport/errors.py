@@ -10,7 +10,7 @@ import grpc
 from normserve.client.codec import CodecError, TensorElementsExceeded
 
 from ..engine import errors as e
-from ..shm import ShmDisabled, ShmExists, ShmInvalid, ShmLimitExceeded, ShmNotFound
+from ..shm import ShmDisabled, ShmExists, ShmForbidden, ShmInvalid, ShmLimitExceeded, ShmNotFound
 from .auth import PermissionDenied, Unauthenticated
 
 log = logging.getLogger("normserve.transport")
@@ -37,6 +37,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ShmInvalid, grpc.StatusCode.INVALID_ARGUMENT),
     (ShmLimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShmDisabled, grpc.StatusCode.FAILED_PRECONDITION),
+    (ShmForbidden, grpc.StatusCode.PERMISSION_DENIED),
     (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 

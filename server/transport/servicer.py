@@ -21,7 +21,7 @@ from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
 from ..engine import EvalBatching, InvalidInput, Registry
 from ..metrics import Metrics
-from ..shm import Region, SharedMemoryManager
+from ..shm import Region, SharedMemoryManager, ShmForbidden
 from . import convert
 from .auth import Action, Authorizer, Principal, Unauthenticated
 from .errors import status_for
@@ -83,6 +83,16 @@ def _log_request(method: str, mode: str, code: str, seconds: float, request_id: 
             extra={"method": method, "layer": layer, "mode": mode, "code": code,
                    "duration_seconds": seconds, "request_id": request_id},
         )
+
+
+_LOCAL_PEERS = ("unix:", "ipv4:127.", "ipv6:[::1]:", "ipv6:%5B::1%5D:")
+
+
+def _check_local(peer: str) -> None:
+    """Shared memory is for clients on the server's host: the peer must be a Unix socket or
+    loopback (containers sharing /dev/shm must then share the network namespace too)."""
+    if not peer.startswith(_LOCAL_PEERS):
+        raise ShmForbidden(f"shared memory needs a client on the server's host (loopback or Unix socket); this call came from {peer}")
 
 
 def _owner(principal: Optional[Principal]) -> Optional[str]:
@@ -268,11 +278,14 @@ class NormServicer(pb_grpc.NormServiceServicer):
         principal: Optional[Principal],
         still_wanted: Optional[Callable[[], bool]],
         response: pb.NormalizeResponse,
+        peer: str,
     ) -> None:
         """Run one request and fill `response` in place (filling beats passing a message to
         a constructor, which would copy the output bytes again)."""
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
+        if request.input.HasField("shared_memory") or request.HasField("output_shared_memory"):
+            _check_local(peer)
         layer = self._layers.get(request.layer)
         # Either tensor may be in shared memory; the regions stay mapped until it is done.
         regions = self._shm.request(_owner(principal))
@@ -305,6 +318,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         self, request: pb.RegisterSharedMemoryRequest, context: grpc.ServicerContext
     ) -> pb.RegisterSharedMemoryResponse:
         principal = self._allow(context, Action.SHARED_MEMORY)
+        _check_local(context.peer())
         region = self._shm.register(
             _owner(principal), request.name, request.key, request.byte_size, request.lease_seconds
         )
@@ -330,7 +344,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:
         principal = self._auth.authenticate(context.invocation_metadata())
         response = pb.NormalizeResponse()
-        self._normalize(request, principal, context.is_active, response)
+        self._normalize(request, principal, context.is_active, response, context.peer())
         return response
 
     def NormalizeStream(
@@ -352,6 +366,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
             metrics.observe_request("NormalizeStream", "none", "UNAUTHENTICATED", 0.0)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         in_flight = metrics.in_flight.labels("NormalizeStream")
+        peer = context.peer()
         metrics.open_streams.inc()
         watch = self._idle_streams.open(context)
         try:
@@ -366,7 +381,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                     if undecodable:
                         raise request.error()
                     response = pb.NormalizeStreamResponse(sequence=sequence)
-                    self._normalize(request, principal, context.is_active, response.response)
+                    self._normalize(request, principal, context.is_active, response.response, peer)
                     code = "OK"
                 except Exception as exc:
                     status, message = status_for(exc, "NormalizeStream")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from normserve.server.engine import LayerExists, LayerNotFound, LimitExceeded, RedisStore, StoreUnavailable
-from normserve.server.engine.shared import DELETED, AlreadyApplied, StaleState
+from normserve.server.engine.shared import DELETED, AlreadyApplied, StaleState, Superseded
 from normserve.server.engine.store import LayerRecord
 
 _prefixes = itertools.count()
@@ -37,7 +37,9 @@ def test_create_gives_each_creation_its_own_incarnation(store):
         store.create(record("a", 0), max_layers=2)
     with pytest.raises(LimitExceeded, match="max_layers=2"):
         store.create(record("c", 0), max_layers=2)
-    assert store.index() == ({"a": (a, 0), "b": (b, 0)}, b)
+    index, top, epoch = store.index()
+    assert (index, top) == ({"a": (a, 0), "b": (b, 0)}, b)
+    assert store.index()[2] == epoch  # the same store: the same epoch
     inc, rec = store.fetch("a")
     assert inc == a and rec.version == 0 and torch.equal(rec.state["running_mean"], torch.zeros(2))
     assert store.fetch("nope") is None
@@ -73,7 +75,7 @@ def test_a_deleted_or_recreated_layer_refuses_commits_of_the_old_one(store):
     with pytest.raises(LayerNotFound):
         store.commit(record("l", 1), inc, base_version=0, request_id="", window=10)
     again = store.create(record("l", 0), max_layers=10)
-    with pytest.raises(LayerNotFound):  # same name, same version, another layer
+    with pytest.raises(Superseded):  # same name, same version, another layer: retry on it
         store.commit(record("l", 1), inc, base_version=0, request_id="", window=10)
     store.commit(record("l", 1), again, base_version=0, request_id="", window=10)
 
@@ -81,7 +83,7 @@ def test_a_deleted_or_recreated_layer_refuses_commits_of_the_old_one(store):
 def test_watch_reports_changes_and_index_reads(store):
     changes: queue.Queue = queue.Queue()
     indexes: queue.Queue = queue.Queue()
-    store.watch(lambda *c: changes.put(c), lambda index, top: indexes.put(index))
+    store.watch(lambda *c: changes.put(c), lambda index, top, epoch: indexes.put(index))
     first = indexes.get(timeout=5)
     assert first == {}
     inc = store.create(record("w", 0), max_layers=10)

@@ -139,3 +139,45 @@ def test_shutdown_unmaps_everything_and_refuses_new_regions(manager):
     assert manager.mapped_bytes() == 0
     with pytest.raises(ShmDisabled, match="shutting down"):
         manager.register(None, "r2", "seg-b", SIZE, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a segment of another user needs root")
+def test_another_users_segment_is_refused(manager, shm_dir):
+    from normserve.server.shm import ShmForbidden
+
+    os.chown(shm_dir / "seg-b", 65534, 65534)
+    with pytest.raises(ShmForbidden, match="belongs to uid 65534"):
+        manager.register(None, "r", "seg-b", SIZE, 0)
+    assert manager.list(None) == []
+
+
+def test_registering_again_after_the_segment_was_recreated_maps_the_new_one(manager, shm_dir):
+    first = manager.register(None, "r", "seg-a", SIZE, 0)
+    assert manager.register(None, "r", "seg-a", SIZE, 0) is first  # same segment: a renewal
+    os.unlink(shm_dir / "seg-a")
+    (shm_dir / "seg-a").write_bytes(b"\1" * SIZE)
+    second = manager.register(None, "r", "seg-a", SIZE, 0)
+    assert second is not first and first.dropped
+    assert second.buffer[:4] == b"\1\1\1\1"
+
+
+@pytest.mark.parametrize(
+    "peer, local",
+    [
+        ("ipv4:127.0.0.1:5000", True),
+        ("ipv6:[::1]:5000", True),
+        ("ipv6:%5B::1%5D:5000", True),
+        ("unix:/run/normserve.sock", True),
+        ("ipv4:10.0.0.7:5000", False),
+        ("ipv6:[2001:db8::1]:5000", False),
+    ],
+)
+def test_shared_memory_is_for_local_peers_only(peer, local):
+    from normserve.server.shm import ShmForbidden
+    from normserve.server.transport.servicer import _check_local
+
+    if local:
+        _check_local(peer)
+    else:
+        with pytest.raises(ShmForbidden, match="same host|server's host"):
+            _check_local(peer)
