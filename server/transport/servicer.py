@@ -278,14 +278,14 @@ class NormServicer(pb_grpc.NormServiceServicer):
         principal: Optional[Principal],
         still_wanted: Optional[Callable[[], bool]],
         response: pb.NormalizeResponse,
-        peer: str,
+        peer: Callable[[], str],
     ) -> None:
         """Run one request and fill `response` in place (filling beats passing a message to
         a constructor, which would copy the output bytes again)."""
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         if request.input.HasField("shared_memory") or request.HasField("output_shared_memory"):
-            _check_local(peer)
+            _check_local(peer())  # asked only here: most requests carry their bytes
         layer = self._layers.get(request.layer)
         # Either tensor may be in shared memory; the regions stay mapped until it is done.
         regions = self._shm.request(_owner(principal))
@@ -344,7 +344,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:
         principal = self._auth.authenticate(context.invocation_metadata())
         response = pb.NormalizeResponse()
-        self._normalize(request, principal, context.is_active, response, context.peer())
+        self._normalize(request, principal, context.is_active, response, context.peer)
         return response
 
     def NormalizeStream(
@@ -366,7 +366,6 @@ class NormServicer(pb_grpc.NormServiceServicer):
             metrics.observe_request("NormalizeStream", "none", "UNAUTHENTICATED", 0.0)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         in_flight = metrics.in_flight.labels("NormalizeStream")
-        peer = context.peer()
         metrics.open_streams.inc()
         watch = self._idle_streams.open(context)
         try:
@@ -381,7 +380,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                     if undecodable:
                         raise request.error()
                     response = pb.NormalizeStreamResponse(sequence=sequence)
-                    self._normalize(request, principal, context.is_active, response.response, peer)
+                    self._normalize(request, principal, context.is_active, response.response, context.peer)
                     code = "OK"
                 except Exception as exc:
                     status, message = status_for(exc, "NormalizeStream")
