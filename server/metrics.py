@@ -180,7 +180,7 @@ class Metrics:
         r.register(_LayerCollector(layers, max_labelled_layers))
         self._http: Optional[object] = None
 
-    def _child(self, metric: Any, *labels: str) -> Any:
+    def child(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), cached: the lookup costs more than the observation."""
         key = (id(metric), labels)
         child = self._children.get(key)
@@ -192,29 +192,29 @@ class Metrics:
         # The request id rides along as an exemplar (OpenMetrics), so a slow bucket can be
         # traced to a request and its log line.
         exemplar = {"request_id": request_id} if request_id else None
-        self._child(self.request_duration, method, mode, code).observe(seconds, exemplar)
-        self._child(self.requests, method, mode, code).inc()
+        self.child(self.request_duration, method, mode, code).observe(seconds, exemplar)
+        self.child(self.requests, method, mode, code).inc()
 
     def observe_compute(
         self, layer: str, kind: str, mode: str, x: Any, result: ForwardResult, seconds: float
     ) -> None:
         """Everything measured about one computed batch."""
-        self._child(self.compute_duration, kind, mode).observe(seconds)
+        self.child(self.compute_duration, kind, mode).observe(seconds)
         if mode == "train":
-            self._child(self.queue_duration, kind, mode).observe(result.queued_seconds)
-        self._child(self.batch_size, mode).observe(x.shape[0] if x.dim() > 1 else 1)
-        self._child(self.tensor_bytes, "in").inc(x.nbytes)
-        self._child(self.tensor_bytes, "out").inc(result.output.nbytes)
+            self.child(self.queue_duration, kind, mode).observe(result.queued_seconds)
+        self.child(self.batch_size, mode).observe(x.shape[0] if x.dim() > 1 else 1)
+        self.child(self.tensor_bytes, "in").inc(x.nbytes)
+        self.child(self.tensor_bytes, "out").inc(result.output.nbytes)
         if result.drift is not None:
             if layer not in self._drift_layers and len(self._drift_layers) < self._max_labelled_layers:
                 self._drift_layers.add(layer)
-            self.train_drift.labels(layer if layer in self._drift_layers else "_other").observe(result.drift)
+            self.child(self.train_drift, layer if layer in self._drift_layers else "_other").observe(result.drift)
 
     def observe_eval_batch(self, kind: str, requests: int, queued: Sequence[float]) -> None:
         """One forward of the eval batching queue (engine/batching.py) and its requests'
         queue times."""
-        self._child(self.batch_requests, kind).observe(requests)
-        queue = self._child(self.batch_queue_duration, kind)
+        self.child(self.batch_requests, kind).observe(requests)
+        queue = self.child(self.batch_queue_duration, kind)
         for seconds in queued:
             queue.observe(seconds)
 
@@ -225,9 +225,9 @@ class Metrics:
 
     def observe_shared_memory(self, bytes_in: int, bytes_out: int) -> None:
         if bytes_in:
-            self._child(self.shm_bytes, "in").inc(bytes_in)
+            self.child(self.shm_bytes, "in").inc(bytes_in)
         if bytes_out:
-            self._child(self.shm_bytes, "out").inc(bytes_out)
+            self.child(self.shm_bytes, "out").inc(bytes_out)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a daemon thread; returns the bound port."""
