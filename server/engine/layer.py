@@ -186,7 +186,7 @@ class Layer:
     def state_dict(self) -> tuple[dict[str, torch.Tensor], StateVersion]:
         """The layer's state_dict and the version it belongs to (tensors are read-only views)."""
         snap = self._snapshot
-        return dict(snap.module.state_dict()), snap.version
+        return _state_of(snap.module), snap.version
 
     def record(self) -> LayerRecord:
         """The layer's complete durable state, consistent without taking the write lock:
@@ -403,7 +403,7 @@ class Layer:
 
     def _loaded(self, module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """A copy of `module` holding `state` (validated: keys, shapes, dtypes, finite)."""
-        current = module.state_dict()
+        current = _state_of(module)
         missing = sorted(set(current) - set(state))
         unexpected = sorted(set(state) - set(current))
         if missing or unexpected:

@@ -19,7 +19,7 @@ from normserve.client.codec import CodecError
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
 
-from ..engine import EvalBatching, InvalidInput, Registry
+from ..engine import EvalBatching, ForwardResult, InvalidInput, Layer, Registry
 from ..metrics import Metrics
 from ..shm import Region, SharedMemoryManager, ShmForbidden
 from . import convert
@@ -284,33 +284,50 @@ class NormServicer(pb_grpc.NormServiceServicer):
         a constructor, which would copy the output bytes again)."""
         mode = _mode(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
-        if request.input.HasField("shared_memory") or request.HasField("output_shared_memory"):
+        in_shm = request.input.HasField("shared_memory")
+        out_shm = request.HasField("output_shared_memory")
+        if in_shm or out_shm:
             _check_local(peer())  # asked only here: most requests carry their bytes
         layer = self._layers.get(request.layer)
-        # Either tensor may be in shared memory; the regions stay mapped until it is done.
-        regions = self._shm.request(_owner(principal))
-        try:
-            if request.input.HasField("shared_memory"):
-                x = regions.input(request.input, self._max_elements, self._max_rank)
-            else:
-                x = codec.to_torch(request.input, self._max_elements, self._max_rank)
-            place = None
-            if request.HasField("output_shared_memory"):  # checked before the layer runs
-                place = regions.output_place(request.output_shared_memory, x)
-            start = perf_counter()
-            result = layer.forward(x, mode == "train", still_wanted, request.request_id, self._batching)
-            self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
-            if place is None:
-                codec.from_torch(result.output, out=response.output)
-            else:
-                regions.write(place, result.output, response.output)
-            del x  # may view a region's mapping: gone before the region may be unmapped
-        finally:
-            regions.release()
-        self._metrics.observe_shared_memory(regions.bytes_in, regions.bytes_out)
+        if not (in_shm or out_shm):
+            x = codec.to_torch(request.input, self._max_elements, self._max_rank)
+            result = self._forward(layer, x, mode, request, still_wanted)
+            codec.from_torch(result.output, out=response.output)
+        else:
+            # The regions stay mapped until the request is done with them.
+            regions = self._shm.request(_owner(principal))
+            try:
+                if in_shm:
+                    x = regions.input(request.input, self._max_elements, self._max_rank)
+                else:
+                    x = codec.to_torch(request.input, self._max_elements, self._max_rank)
+                # The output place is checked before the layer runs.
+                place = regions.output_place(request.output_shared_memory, x) if out_shm else None
+                result = self._forward(layer, x, mode, request, still_wanted)
+                if place is None:
+                    codec.from_torch(result.output, out=response.output)
+                else:
+                    regions.write(place, result.output, response.output)
+                del x  # may view a region's mapping: gone before the region may be unmapped
+            finally:
+                regions.release()
+            self._metrics.observe_shared_memory(regions.bytes_in, regions.bytes_out)
         convert.fill_state_version(response.state, result.state)
         response.request_id = request.request_id
         response.replayed = result.replayed
+
+    def _forward(
+        self,
+        layer: Layer,
+        x: Any,
+        mode: str,
+        request: pb.NormalizeRequest,
+        still_wanted: Optional[Callable[[], bool]],
+    ) -> ForwardResult:
+        start = perf_counter()
+        result = layer.forward(x, mode == "train", still_wanted, request.request_id, self._batching)
+        self._metrics.observe_compute(layer.name, layer.kind, mode, x, result, perf_counter() - start)
+        return result
 
     # -- shared memory -----------------------------------------------------------------
     @_measured
