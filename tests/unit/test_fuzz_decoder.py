@@ -576,6 +576,8 @@ def valid_requests(draw, method: str):
     if method == "GetLayer":
         return pb.GetLayerRequest(name=name)
     if method == "RegisterSharedMemory":
+        if draw(st.booleans()):  # well-formed, so that some registers succeed
+            return pb.RegisterSharedMemoryRequest(name=draw(st.sampled_from(["r1", "r2"])), key=SEGMENT_KEY, byte_size=64)
         return pb.RegisterSharedMemoryRequest(
             name=draw(st.one_of(st.just("r1"), st.text(max_size=5))),
             key=draw(st.one_of(st.just(SEGMENT_KEY), st.sampled_from(["absent", "../x", ""]))),
@@ -683,6 +685,17 @@ def _shm_manager() -> SharedMemoryManager:
     return _SHM[0]
 
 
+def _ensure_shm_fixtures() -> None:
+    """Keep region "r1" registered (a fuzzed unregister must have something to remove) and
+    drop the regions fuzzed registers added, so every example starts from the same state."""
+    manager = _shm_manager()
+    for region in manager.list(None):
+        if region.name != "r1":
+            manager.unregister(None, region.name)
+    if not manager.list(None, "r1"):
+        manager.register(None, "r1", SEGMENT_KEY, 64, 0.0)
+
+
 def _snapshot(registry: Registry, name: str):
     try:
         layer = registry.get(name)
@@ -702,6 +715,7 @@ def test_arbitrary_bytes_parse_then_decode_with_domain_errors_only(method):
     @given(st.data())
     def run(data):
         _ensure_fixtures(registry)
+        _ensure_shm_fixtures()
         raw = data.draw(st.one_of(
             st.binary(max_size=96),
             st.lists(raw_field(st.integers(1, 6)), max_size=5).map(b"".join),
