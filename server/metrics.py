@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client import Gauge as PromGauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
 from .engine import KINDS, ForwardResult, Registry
+from .metric_types import Collector, Counter, Gauge, Histogram
 
 # ~50 us to 10 s.
 LATENCY_BUCKETS = (
@@ -102,119 +104,96 @@ class Metrics:
     def __init__(self, layers: Registry, max_labelled_layers: int = 100):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.request_duration = Histogram(
+        # The per-request metrics are the cheap kind (metric_types); scrape-time gauges
+        # stay prometheus_client's.
+        fast = Collector()
+        self.request_duration = fast.add(Histogram(
             "normserve_request_duration_seconds",
             "Request latency (stream messages counted one by one)",
             ["method", "mode", "code"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.requests = Counter(
-            "normserve_requests", "Requests (stream messages one by one)", ["method", "mode", "code"], registry=r
-        )
-        self.compute_duration = Histogram(
-            "normserve_compute_duration_seconds",
-            "Time spent in the layer computation",
-            ["kind", "mode"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge("normserve_in_flight_requests", "Requests being handled", ["method"], registry=r)
-        self.tensor_bytes = Counter(
-            "normserve_tensor_bytes", "Tensor payload bytes", ["direction"], registry=r
-        )
-        self.stream_messages = Counter(
-            "normserve_stream_messages", "Stream messages", ["direction"], registry=r
-        )
-        self.open_streams = Gauge("normserve_open_streams", "Open NormalizeStream calls", registry=r)
-        self.queue_duration = Histogram(
+            LATENCY_BUCKETS,
+        ))
+        self.requests = fast.add(Counter(
+            "normserve_requests", "Requests (stream messages one by one)", ["method", "mode", "code"]
+        ))
+        self.compute_duration = fast.add(Histogram(
+            "normserve_compute_duration_seconds", "Time spent in the layer computation", ["kind", "mode"], LATENCY_BUCKETS
+        ))
+        self.in_flight = fast.add(Gauge("normserve_in_flight_requests", "Requests being handled", ["method"]))
+        self.tensor_bytes = fast.add(Counter("normserve_tensor_bytes", "Tensor payload bytes", ["direction"]))
+        self.stream_messages = fast.add(Counter("normserve_stream_messages", "Stream messages", ["direction"]))
+        self.open_streams = fast.add(Gauge("normserve_open_streams", "Open NormalizeStream calls"))
+        self.queue_duration = fast.add(Histogram(
             "normserve_queue_duration_seconds",
             "Time a request waited before its computation (train: for the layer's write lock)",
             ["kind", "mode"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.shm_bytes = Counter(
+            LATENCY_BUCKETS,
+        ))
+        self.shm_bytes = fast.add(Counter(
             "normserve_shared_memory_bytes",
             "Tensor bytes read from (in) or written to (out) shared-memory regions",
             ["direction"],
-            registry=r,
-        )
-        self.shm_regions = Gauge("normserve_shared_memory_regions", "Registered shared-memory regions", registry=r)
-        self.shm_mapped = Gauge(
+        ))
+        self.shm_regions = PromGauge("normserve_shared_memory_regions", "Registered shared-memory regions", registry=r)
+        self.shm_mapped = PromGauge(
             "normserve_shared_memory_mapped_bytes", "Bytes of shared memory mapped, all regions together", registry=r
         )
-        self.batch_size = Histogram(
-            "normserve_batch_size",
-            "Samples per computed batch (the leading dimension)",
-            ["mode"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.batch_queue_duration = Histogram(
+        self.batch_size = fast.add(Histogram(
+            "normserve_batch_size", "Samples per computed batch (the leading dimension)", ["mode"], BATCH_BUCKETS
+        ))
+        self.batch_queue_duration = fast.add(Histogram(
             "normserve_batch_queue_duration_seconds",
             "Time an eval request waited in its layer's batching queue before its forward started",
             ["kind"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_requests = Histogram(
+            LATENCY_BUCKETS,
+        ))
+        self.batch_requests = fast.add(Histogram(
             "normserve_batch_requests",
             "Eval requests computed together in one forward by dynamic batching",
             ["kind"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.train_drift = Histogram(
+            BATCH_BUCKETS,
+        ))
+        self.train_drift = fast.add(Histogram(
             "normserve_train_drift",
             "Distance of each train batch's mean from the running mean before the update, in running "
             f"standard deviations averaged over channels (first {max_labelled_layers} layers by first use, "
             "the rest as layer=\"_other\")",
             ["layer"],
-            buckets=DRIFT_BUCKETS,
-            registry=r,
-        )
+            DRIFT_BUCKETS,
+        ))
+        r.register(fast)
         self._drift_layers: set[str] = set()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._max_labelled_layers = max_labelled_layers
         r.register(_LayerCollector(layers, max_labelled_layers))
         self._http: Optional[object] = None
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """metric.labels(*labels), cached: the lookup costs more than the observation."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def observe_request(self, method: str, mode: str, code: str, seconds: float, request_id: str = "") -> None:
         # The request id rides along as an exemplar (OpenMetrics), so a slow bucket can be
         # traced to a request and its log line.
         exemplar = {"request_id": request_id} if request_id else None
-        self.child(self.request_duration, method, mode, code).observe(seconds, exemplar)
-        self.child(self.requests, method, mode, code).inc()
+        self.request_duration.labels(method, mode, code).observe(seconds, exemplar)
+        self.requests.labels(method, mode, code).inc()
 
     def observe_compute(
         self, layer: str, kind: str, mode: str, x: Any, result: ForwardResult, seconds: float
     ) -> None:
         """Everything measured about one computed batch."""
-        self.child(self.compute_duration, kind, mode).observe(seconds)
+        self.compute_duration.labels(kind, mode).observe(seconds)
         if mode == "train":
-            self.child(self.queue_duration, kind, mode).observe(result.queued_seconds)
-        self.child(self.batch_size, mode).observe(x.shape[0] if x.dim() > 1 else 1)
-        self.child(self.tensor_bytes, "in").inc(x.nbytes)
-        self.child(self.tensor_bytes, "out").inc(result.output.nbytes)
+            self.queue_duration.labels(kind, mode).observe(result.queued_seconds)
+        self.batch_size.labels(mode).observe(x.shape[0] if x.dim() > 1 else 1)
+        self.tensor_bytes.labels("in").inc(x.nbytes)
+        self.tensor_bytes.labels("out").inc(result.output.nbytes)
         if result.drift is not None:
             if layer not in self._drift_layers and len(self._drift_layers) < self._max_labelled_layers:
                 self._drift_layers.add(layer)
-            self.child(self.train_drift, layer if layer in self._drift_layers else "_other").observe(result.drift)
+            self.train_drift.labels(layer if layer in self._drift_layers else "_other").observe(result.drift)
 
     def observe_eval_batch(self, kind: str, requests: int, queued: Sequence[float]) -> None:
         """One forward of the eval batching queue (engine/batching.py) and its requests'
         queue times."""
-        self.child(self.batch_requests, kind).observe(requests)
-        queue = self.child(self.batch_queue_duration, kind)
+        self.batch_requests.labels(kind).observe(requests)
+        queue = self.batch_queue_duration.labels(kind)
         for seconds in queued:
             queue.observe(seconds)
 
@@ -225,9 +204,9 @@ class Metrics:
 
     def observe_shared_memory(self, bytes_in: int, bytes_out: int) -> None:
         if bytes_in:
-            self.child(self.shm_bytes, "in").inc(bytes_in)
+            self.shm_bytes.labels("in").inc(bytes_in)
         if bytes_out:
-            self.child(self.shm_bytes, "out").inc(bytes_out)
+            self.shm_bytes.labels("out").inc(bytes_out)
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server in a daemon thread; returns the bound port."""

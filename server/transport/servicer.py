@@ -52,7 +52,7 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
         normalize = name == "Normalize" and not isinstance(request, Undecodable)
         mode = _MODES.get(request.mode, "invalid") if normalize else "none"
         request_id = request.request_id if normalize else ""
-        in_flight = self._metrics.child(self._metrics.in_flight, name)
+        in_flight = self._metrics.in_flight.labels(name)
         in_flight.inc()
         start = perf_counter()
         code = "OK"
@@ -382,7 +382,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
             self._stream_slots.release()
             metrics.observe_request("NormalizeStream", "none", "UNAUTHENTICATED", 0.0)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-        in_flight = metrics.child(metrics.in_flight, "NormalizeStream")
+        in_flight = metrics.in_flight.labels("NormalizeStream")
         metrics.open_streams.inc()
         watch = self._idle_streams.open(context)
         try:
