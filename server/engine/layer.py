@@ -11,7 +11,6 @@ The mode lives in the per-request copy, never on the shared module.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import warnings
@@ -93,11 +92,13 @@ _NON_FINITE = (
 
 
 def _check_finite_stats(module: nn.Module) -> None:
+    buffers = module._buffers  # direct: nn.Module.__getattr__ is slow for buffers
     for name in ("running_mean", "running_var"):
-        t = getattr(module, name)
+        t = buffers[name]
+        assert t is not None
         # numpy is several times cheaper than torch for the small vectors this sees.
-        finite = np.isfinite(t.numpy()).all() if t.device.type == "cpu" and t.dtype in _NUMPY_TYPES else torch.isfinite(t).all()
-        if not bool(finite):
+        finite = np.isfinite(t.numpy()).all() if t.dtype in _NUMPY_TYPES and t.device.type == "cpu" else torch.isfinite(t).all()
+        if not finite:
             raise InvalidInput(_NON_FINITE)
 
 
@@ -106,10 +107,12 @@ def _drift(before: nn.Module, after: nn.Module) -> Optional[float]:
     standard deviations, averaged over channels. The batch mean is recovered from the
     update itself (new = old + factor * (batch - old)), so this costs no pass over the data."""
     momentum = before.momentum
-    factor = 1.0 / float(after.num_batches_tracked) if momentum is None else float(momentum)
+    old, new = before._buffers, after._buffers  # direct: nn.Module.__getattr__ is slow for buffers
+    factor = 1.0 / float(new["num_batches_tracked"]) if momentum is None else float(momentum)  # type: ignore[arg-type]
     if factor <= 0:
         return None
-    old_mean, new_mean, old_var = before.running_mean, after.running_mean, before.running_var
+    old_mean, new_mean, old_var = old["running_mean"], new["running_mean"], old["running_var"]
+    assert old_mean is not None and new_mean is not None and old_var is not None
     if old_mean.device.type == "cpu" and old_mean.dtype in _NUMPY_TYPES:
         # numpy: a few microseconds instead of tens for torch's per-op overhead.
         step = np.abs(new_mean.numpy() - old_mean.numpy()) / np.sqrt(old_var.numpy() + before.eps)
@@ -127,10 +130,17 @@ def _state_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """What copy.copy does for these modules, without the cost of its protocol."""
+    work = object.__new__(type(module))
+    work.__dict__.update(module.__dict__)
+    return work
+
+
 def _writable_copy(module: nn.Module) -> nn.Module:
     """A shallow copy sharing parameters, with its own clones of every buffer."""
-    work = copy.copy(module)
-    object.__setattr__(work, "_buffers", {k: None if v is None else v.clone() for k, v in module._buffers.items()})
+    work = _shallow_copy(module)
+    work.__dict__["_buffers"] = {k: None if v is None else v.clone() for k, v in module._buffers.items()}
     return work
 
 
@@ -429,7 +439,7 @@ class Layer:
                 params[key] = nn.Parameter(value, requires_grad=False)
             else:
                 buffers[key] = value
-        work = copy.copy(module)
+        work = _shallow_copy(module)
         object.__setattr__(work, "_parameters", {**module._parameters, **params})
         object.__setattr__(work, "_buffers", {**module._buffers, **buffers})
         return work
