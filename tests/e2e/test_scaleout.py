@@ -278,6 +278,7 @@ def test_parity_through_replicas(clients, name, kind, kwargs, dtype):
     """Each batch on the next replica, train and eval: outputs and state as torch's."""
     clients[0].create_layer(name, kind, **kwargs, dtype=dtype)
     module = local_module(kind, kwargs, dtype)
+    version = 0
     for step, (x, mode) in enumerate(zip(batches(kind, kwargs, dtype, len(MODES), seed=11), MODES)):
         module.train(mode == "train")
         with torch.no_grad():
@@ -287,6 +288,8 @@ def test_parity_through_replicas(clients, name, kind, kwargs, dtype):
         if mode == "train":  # the next replica must compute on this state: wait until it has it
             version = result.state.version
             wait_for(lambda: clients[(step + 1) % 3].get_layer(name).state.version >= version, BOUND, "next replica")
+    # Replica 1 follows the store too: it reads the last update within the staleness bound.
+    wait_for(lambda: clients[1].get_layer(name).state.version >= version, BOUND, "replica 1")
     assert_state_equal(clients[1].get_state(name, as_torch=True), module.state_dict(), TOL[dtype])
 
 
