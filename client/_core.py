@@ -21,7 +21,7 @@ from typing import Any, Callable, Generator, Generic, Iterable, Mapping, Optiona
 import grpc
 import numpy as np
 
-from . import _shm, codec
+from . import _shm, codec, wire
 from ._modules import infer_kwargs, load_state_dict, module_spec
 from ._proto import normserve_pb2 as pb
 from .errors import (
@@ -69,6 +69,12 @@ def _service_methods() -> dict[str, Method]:
     for m in service.methods:
         request, response = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
         methods[m.name] = Method(f"/{service.full_name}/{m.name}", request.SerializeToString, response.FromString)
+    # Tensor bytes travel beside these messages (wire.Framed).
+    for name, response, path in (
+        ("Normalize", pb.NormalizeResponse, wire.RESPONSE_DATA),
+        ("NormalizeStream", pb.NormalizeStreamResponse, wire.STREAM_RESPONSE_DATA),
+    ):
+        methods[name] = Method(methods[name].path, wire.serialize, wire.parser(response, path))
     return methods
 
 
@@ -228,10 +234,16 @@ def _check_torch(x: Any) -> None:
 def encode(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
     """A numpy array, torch tensor (any device, any strides) or array-like -> Tensor
     (`out`, filled in place, when given)."""
+    tensor: pb.Tensor = _encoded(codec.encode, x, out)
+    return tensor
+
+
+def _encoded(encoder: Callable[[Any, Any], Any], x: Any, out: Optional[pb.Tensor]) -> Any:
+    """encoder(x, out), with local encoding errors as InvalidArgumentError."""
     if is_torch(x):
         _check_torch(x)
     try:
-        return codec.encode(x, out)
+        return encoder(x, out)
     except codec.CodecError as e:
         raise _invalid(e) from None
     except (TypeError, ValueError, RuntimeError) as e:  # e.g. np.asarray of a ragged list
@@ -244,11 +256,18 @@ def _check_input_dtype(name: Optional[str]) -> str:
     return name
 
 
-def encode_input(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
-    """Like `encode`, for normalize inputs: floating dtypes only; fills `out` in place."""
-    tensor = encode(x, out)
-    _check_input_dtype(codec.DTYPE_NAMES.get(tensor.dtype))
-    return tensor
+def encode_input(x: Any, out: pb.Tensor) -> wire.Buffer:
+    """Like `encode`, for normalize inputs (floating dtypes only), filling `out` in place
+    except for the bytes of a large tensor: those are returned (codec.encode_head)."""
+    data: wire.Buffer = _encoded(codec.encode_head, x, out)
+    _check_input_dtype(codec.DTYPE_NAMES.get(out.dtype))
+    return data
+
+
+def framed(message: Any, path: Sequence[int], data: wire.Buffer) -> Any:
+    """`message` with `data` to travel beside it (wire.Framed), or `message` itself when
+    the bytes are in it already."""
+    return wire.Framed(message, path, data) if data else message
 
 
 def input_layout(x: Any) -> tuple[Any, str, tuple[int, ...]]:
@@ -273,13 +292,14 @@ def torch_device(x: Any) -> Any:
     return x.device if is_torch(x) else None
 
 
-def decode(t: pb.Tensor, device: Any = None) -> Any:
-    """A writable numpy array, or a torch tensor on `device` when one is given."""
+def decode(t: pb.Tensor, device: Any = None, data: Optional[wire.Buffer] = None) -> Any:
+    """A writable numpy array, or a torch tensor on `device` when one is given (`data`:
+    the bytes, when they travelled beside the message)."""
     try:
         if device is not None:
-            tensor = codec.to_torch(t)  # views the message's bytes: copy it out
+            tensor = codec.to_torch(t, data=data)  # views the message's bytes: copy it out
             return tensor.clone() if getattr(device, "type", device) == "cpu" else tensor.to(device)
-        return codec.to_numpy(t).copy()
+        return codec.to_numpy(t, data=data).copy()
     except codec.CodecError as e:
         raise _invalid(e) from None
 
@@ -310,9 +330,10 @@ def request_id(mode: "pb.Mode", given: str) -> str:
     return given or (uuid.uuid4().hex if mode == pb.MODE_TRAIN else "")
 
 
-def normalize_result(response: pb.NormalizeResponse, device: Any) -> NormalizeResult[Any]:
+def normalize_result(response: Any, device: Any, data: Optional[wire.Buffer] = None) -> NormalizeResult[Any]:
+    """From a NormalizeResponse, plain or Framed (or plain, with its bytes in `data`)."""
     return NormalizeResult(
-        output=decode(response.output, device),
+        output=decode(response.output, device, wire.payload(response) if data is None else data),
         state=state_version(response.state),
         request_id=response.request_id,
         replayed=response.replayed,
@@ -426,9 +447,9 @@ def normalize(layer: str, x: Any, mode: str, given_id: str) -> Call[NormalizeRes
     """Normalize. Retried with the same request id, so a train request is applied once."""
     value = mode_value(mode)
     request = pb.NormalizeRequest(layer=layer, mode=value, request_id=request_id(value, given_id))
-    encode_input(x, request.input)  # in place: a constructor argument would be copied again
+    data = encode_input(x, request.input)  # in place: a constructor argument would be copied again
     device = torch_device(x)
-    return Call("Normalize", request, lambda r: normalize_result(r, device))
+    return Call("Normalize", framed(request, wire.REQUEST_DATA, data), lambda r: normalize_result(r, device))
 
 
 # -- same-host shared memory -------------------------------------------------------------------
@@ -576,10 +597,10 @@ def release_segments(segments: list[_shm.Segment]) -> Program[None]:
 
 
 # -- streams -----------------------------------------------------------------------------------
-def stream_request(layer: str, mode: "pb.Mode", x: Any) -> pb.NormalizeRequest:
+def stream_request(layer: str, mode: "pb.Mode", x: Any) -> Any:
+    """A stream message: a NormalizeRequest, plain or Framed."""
     request = pb.NormalizeRequest(layer=layer, mode=mode, request_id=request_id(mode, ""))
-    encode_input(x, request.input)
-    return request
+    return framed(request, wire.REQUEST_DATA, encode_input(x, request.input))
 
 
 def shared_stream_request(
@@ -604,7 +625,7 @@ def stream_result(
         raise err
     if segment is not None:
         return shared_result(response.response, segment, device)
-    return normalize_result(response.response, device)
+    return normalize_result(response.response, device, wire.payload(response))
 
 
 def stream_answer(

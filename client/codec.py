@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from ._proto import normserve_pb2 as pb
+from .wire import MIN_FRAMED_BYTES, Buffer
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +58,7 @@ class TensorElementsExceeded(CodecError):
 
 
 def check(
-    t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[bytes] = None, max_rank: int = MAX_RANK
+    t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[Buffer] = None, max_rank: int = MAX_RANK
 ) -> tuple[str, tuple[int, ...]]:
     """Validate a Tensor message; returns (dtype name, shape). Pass `data` when the caller
     already holds t.data: every access to a bytes field copies it. A tensor in shared
@@ -111,10 +112,14 @@ def _torch() -> Any:
     return torch
 
 
-def to_torch(t: pb.Tensor, max_elements: Optional[int] = None, max_rank: int = MAX_RANK) -> "torch.Tensor":
-    """Decode without copying: the tensor views the message's bytes (treat it as read-only)."""
+def to_torch(
+    t: pb.Tensor, max_elements: Optional[int] = None, max_rank: int = MAX_RANK, data: Optional[Buffer] = None
+) -> "torch.Tensor":
+    """Decode without copying: the tensor views the message's bytes, or `data` when its
+    bytes travelled beside it (wire.Framed); treat it as read-only."""
     torch = _torch()
-    data = t.data
+    if data is None:
+        data = t.data
     _inline_only(t)
     name, shape = check(t, max_elements, data, max_rank)
     dtype = getattr(torch, name)
@@ -172,20 +177,34 @@ def array_dtype_name(x: np.ndarray) -> str:
     return str(name)
 
 
-def from_torch(x: "torch.Tensor", out: Optional[pb.Tensor] = None) -> pb.Tensor:
-    """Encode a torch tensor (any device, any strides) with one copy into the message."""
+def _torch_array(x: "torch.Tensor") -> tuple[str, tuple[int, ...], np.ndarray]:
+    """(dtype name, shape, the tensor's bytes as a C-contiguous CPU array)."""
     torch = _torch()
     name = tensor_dtype_name(x)
     x = x.detach().to("cpu").contiguous()
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)  # numpy can't hold bfloat16; the bytes are the same
-    return _fill(out, DTYPE_ENUMS[name], x.shape, x.numpy().tobytes())
+    return name, tuple(x.shape), x.numpy()
+
+
+def _numpy_array(x: Any) -> tuple[str, tuple[int, ...], np.ndarray]:
+    x = np.asarray(x)
+    name = array_dtype_name(x)
+    # ascontiguousarray makes 0-d arrays 1-d: the shape is the input's.
+    return name, x.shape, np.ascontiguousarray(x, dtype=NUMPY_DTYPES[name])
+
+
+def from_torch(x: "torch.Tensor", out: Optional[pb.Tensor] = None) -> pb.Tensor:
+    """Encode a torch tensor (any device, any strides) with one copy into the message."""
+    name, shape, array = _torch_array(x)
+    return _fill(out, DTYPE_ENUMS[name], shape, array.tobytes())
 
 
 # -- numpy -------------------------------------------------------------------------------
-def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None) -> np.ndarray:
-    """Decode without copying into a read-only array."""
-    data = t.data
+def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None, data: Optional[Buffer] = None) -> np.ndarray:
+    """Decode without copying into a read-only array (of `data`, when given: see to_torch)."""
+    if data is None:
+        data = t.data
     _inline_only(t)
     name, shape = check(t, max_elements, data)
     if name not in NUMPY_DTYPES:
@@ -194,10 +213,8 @@ def to_numpy(t: pb.Tensor, max_elements: Optional[int] = None) -> np.ndarray:
 
 
 def from_numpy(x: np.ndarray, out: Optional[pb.Tensor] = None) -> pb.Tensor:
-    x = np.asarray(x)
-    name = array_dtype_name(x)
-    data = np.ascontiguousarray(x, dtype=NUMPY_DTYPES[name]).tobytes()
-    return _fill(out, DTYPE_ENUMS[name], x.shape, data)
+    name, shape, array = _numpy_array(x)
+    return _fill(out, DTYPE_ENUMS[name], shape, array.tobytes())
 
 
 def is_torch(x: Any) -> bool:
@@ -210,6 +227,19 @@ def encode(x: Any, out: Optional[pb.Tensor] = None) -> pb.Tensor:
     """numpy array, torch tensor or anything np.asarray accepts -> Tensor message (`out`,
     filled in place, when given)."""
     return from_torch(x, out) if is_torch(x) else from_numpy(x, out)
+
+
+def encode_head(x: Any, out: pb.Tensor) -> Buffer:
+    """Like `encode`, but only dtype and shape go into `out`: the bytes are returned, for
+    wire.Framed to send beside the message without copying them into it. Small tensors
+    (under wire.MIN_FRAMED_BYTES) go into `out` after all; b"" is returned then."""
+    name, shape, array = _torch_array(x) if is_torch(x) else _numpy_array(x)
+    out.dtype = DTYPE_ENUMS[name]
+    out.shape[:] = shape
+    if array.nbytes < MIN_FRAMED_BYTES:
+        out.data = array.tobytes()
+        return b""
+    return array.reshape(-1).view(np.uint8).data  # a memoryview of the array, no copy
 
 
 # -- layer specs -------------------------------------------------------------------------

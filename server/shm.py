@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from normserve.client import codec
+from normserve.client.wire import Buffer
 from normserve.client._proto import normserve_pb2 as pb
 
 log = logging.getLogger("normserve.shm")
@@ -150,9 +151,10 @@ class RequestRegions:
         region.check_size()
         return region
 
-    def input(self, t: pb.Tensor, max_elements: int, max_rank: int) -> torch.Tensor:
-        """The input tensor, viewing the region (zero copy)."""
-        name, shape = codec.check(t, max_elements, max_rank=max_rank)
+    def input(self, t: pb.Tensor, max_elements: int, max_rank: int, data: Optional[Buffer] = None) -> torch.Tensor:
+        """The input tensor, viewing the region (zero copy). `data`: bytes that travelled
+        beside the message (wire.Framed), refused like t.data."""
+        name, shape = codec.check(t, max_elements, data, max_rank=max_rank)
         ref = t.shared_memory
         region = self._acquire(ref.region)
         region.check_place(ref.offset, ref.byte_size, codec.ITEMSIZE[name], "input")

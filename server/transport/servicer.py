@@ -8,13 +8,13 @@ import logging
 import threading
 import time
 from time import monotonic, perf_counter
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import grpc
 
 from google.protobuf.message import DecodeError
 
-from normserve.client import codec
+from normserve.client import codec, wire
 from normserve.client.codec import CodecError
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._proto import normserve_pb2_grpc as pb_grpc
@@ -118,29 +118,30 @@ class Undecodable:
         return CodecError(f"request is not a valid {self.message_type} message: {self.reason}")
 
 
-def _tolerant_parser(message_class: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
+def _tolerant(parse: Callable[[bytes], Any], message_class: Any) -> Callable[[bytes], Any]:
+    def tolerant(data: bytes) -> Any:
         try:
-            return message_class.FromString(data)
+            return parse(data)
         except DecodeError as e:
             return Undecodable(message_class.DESCRIPTOR.full_name, str(e) or "malformed protobuf")
 
-    return parse
+    return tolerant
 
 
 def add_to_server(servicer: "NormServicer", server: grpc.Server) -> None:
     """Register the servicer like the generated add_NormServiceServicer_to_server, but with
-    request parsers that turn undecodable bytes into INVALID_ARGUMENT."""
+    request parsers that turn undecodable bytes into INVALID_ARGUMENT, and with tensor
+    bytes that travel beside the Normalize messages (wire.Framed)."""
     service = pb.DESCRIPTOR.services_by_name["NormService"]
     handlers = {}
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
+        parse = wire.parser(request_class, wire.REQUEST_DATA) if request_class is pb.NormalizeRequest else request_class.FromString
         make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_tolerant_parser(request_class),
-            response_serializer=response_class.SerializeToString,
+            request_deserializer=_tolerant(parse, request_class),
+            response_serializer=wire.serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
@@ -279,33 +280,35 @@ class NormServicer(pb_grpc.NormServiceServicer):
         still_wanted: Optional[Callable[[], bool]],
         response: pb.NormalizeResponse,
         peer: Callable[[], str],
-    ) -> None:
-        """Run one request and fill `response` in place (filling beats passing a message to
-        a constructor, which would copy the output bytes again)."""
+    ) -> wire.Buffer:
+        """Run one request and fill `response` in place; returns the output's bytes, to
+        travel beside it (wire.Framed; b"" when they are in `response` or in a region)."""
         mode = _mode(request)
+        data = wire.payload(request)
         self._auth.check(principal, Action.TRAIN if mode == "train" else Action.EVAL, request.layer)
         in_shm = request.input.HasField("shared_memory")
         out_shm = request.HasField("output_shared_memory")
         if in_shm or out_shm:
             _check_local(peer())  # asked only here: most requests carry their bytes
         layer = self._layers.get(request.layer)
+        output: wire.Buffer = b""
         if not (in_shm or out_shm):
-            x = codec.to_torch(request.input, self._max_elements, self._max_rank)
+            x = codec.to_torch(request.input, self._max_elements, self._max_rank, data)
             result = self._forward(layer, x, mode, request, still_wanted)
-            codec.from_torch(result.output, out=response.output)
+            output = codec.encode_head(result.output, response.output)
         else:
             # The regions stay mapped until the request is done with them.
             regions = self._shm.request(_owner(principal))
             try:
                 if in_shm:
-                    x = regions.input(request.input, self._max_elements, self._max_rank)
+                    x = regions.input(request.input, self._max_elements, self._max_rank, data)
                 else:
-                    x = codec.to_torch(request.input, self._max_elements, self._max_rank)
+                    x = codec.to_torch(request.input, self._max_elements, self._max_rank, data)
                 # The output place is checked before the layer runs.
                 place = regions.output_place(request.output_shared_memory, x) if out_shm else None
                 result = self._forward(layer, x, mode, request, still_wanted)
                 if place is None:
-                    codec.from_torch(result.output, out=response.output)
+                    output = codec.encode_head(result.output, response.output)
                 else:
                     regions.write(place, result.output, response.output)
                 del x  # may view a region's mapping: gone before the region may be unmapped
@@ -315,6 +318,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         convert.fill_state_version(response.state, result.state)
         response.request_id = request.request_id
         response.replayed = result.replayed
+        return output
 
     def _forward(
         self,
@@ -358,15 +362,15 @@ class NormServicer(pb_grpc.NormServiceServicer):
         return pb.ListSharedMemoryResponse(regions=[_region_info(r) for r in regions])
 
     @_measured
-    def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> pb.NormalizeResponse:
+    def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> Union[pb.NormalizeResponse, wire.Framed]:
         principal = self._auth.authenticate(context.invocation_metadata())
         response = pb.NormalizeResponse()
-        self._normalize(request, principal, context.is_active, response, context.peer)
-        return response
+        output = self._normalize(request, principal, context.is_active, response, context.peer)
+        return wire.Framed(response, wire.RESPONSE_DATA, output) if output else response
 
     def NormalizeStream(
         self, request_iterator: Iterator[pb.NormalizeRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.NormalizeStreamResponse]:
+    ) -> Iterator[Union[pb.NormalizeStreamResponse, wire.Framed]]:
         """One response per request, in order; a bad message gets an Error and the stream
         goes on."""
         metrics = self._metrics
@@ -396,8 +400,9 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 try:
                     if undecodable:
                         raise request.error()
-                    response = pb.NormalizeStreamResponse(sequence=sequence)
-                    self._normalize(request, principal, context.is_active, response.response, context.peer)
+                    message = pb.NormalizeStreamResponse(sequence=sequence)
+                    output = self._normalize(request, principal, context.is_active, message.response, context.peer)
+                    response = wire.Framed(message, wire.STREAM_RESPONSE_DATA, output) if output else message
                     code = "OK"
                 except Exception as exc:
                     status, message = status_for(exc, "NormalizeStream")

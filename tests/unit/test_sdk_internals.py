@@ -11,7 +11,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from normserve.client import RetryPolicy, _core as core
-from normserve.client import codec
+from normserve.client import codec, wire
+from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._retry import Attempts
 from normserve.client.errors import InvalidArgumentError, NotFoundError, UnavailableError, from_status
 
@@ -202,9 +203,14 @@ def test_normalize_rejects_non_float_inputs_locally(x):
         core.normalize("bn", x, "eval", "")
 
 
-def test_numpy_inputs_of_any_layout_are_sent_as_little_endian_c_order():
-    base = np.arange(24, dtype=np.float64).reshape(4, 6)
+@pytest.mark.parametrize("rows", [4, 64], ids=["in the message", "beside the message"])
+def test_numpy_inputs_of_any_layout_are_sent_as_little_endian_c_order(rows):
+    base = np.arange(rows * 128, dtype=np.float64).reshape(rows, 128)
     for x in (base[:, ::2], base.T, np.asfortranarray(base), base.astype(">f8"), base[::-1]):
-        t = core.encode_input(x)
-        np.testing.assert_array_equal(codec.to_numpy(t), x)
-        assert codec.to_numpy(t).dtype == np.dtype("<f8")
+        t = pb.Tensor()
+        data = core.encode_input(x, t)
+        # Small tensors go into the message; large ones travel beside it (wire.Framed).
+        assert (len(data) > 0) == (x.nbytes >= wire.MIN_FRAMED_BYTES) and (len(t.data) > 0) != (len(data) > 0)
+        decoded = codec.to_numpy(t, data=data or None)
+        np.testing.assert_array_equal(decoded, x)
+        assert decoded.dtype == np.dtype("<f8")
