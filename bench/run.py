@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py [--quick] [--only W1,W2] [--clients 1,4] [--seconds S]
                                   [--modes eval,train] [--paths a,b,c,d,f] [--threads | --processes]
                                   [--durability none|interval|always] [--stream-depth 8]
+                                  [--repeat N] [--server-args "--max-workers 16"]
                                   [--rss [--rss-requests N] | --rss-only] [--json out.json]
 
 Workloads (float32; every layer is created fresh for each cell, with a random but fixed
@@ -78,7 +79,11 @@ W2 requests (alternating eval and train, 2 client threads, a fresh server) and p
 ratio (target: within +-10%; outside it the run fails). --rss-only runs just that.
 
 Machines are noisy: absolute numbers drift; the ratios to (b) measured in the same run are
-the figures that count. Exit status: 0 when every cell ran and was correct.
+the figures that count. On a shared 2-core machine lean's own req/s for one cell swung by
+1.6x between runs minutes apart: --repeat N runs each workload/mode/clients group N times
+(baseline first each time) and the tables show medians, each ratio taken within its own
+repetition. --server-args passes more options to the normserve servers (to try settings).
+Exit status: 0 when every cell ran and was correct.
 """
 
 from __future__ import annotations
@@ -92,11 +97,13 @@ import multiprocessing as mp
 import os
 import pathlib
 import platform
+import shlex
 import signal
+import statistics
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -270,8 +277,9 @@ def start_normserve(durability: str, *extra: str) -> Any:
 
 
 class Servers:
-    def __init__(self, durability: str):
+    def __init__(self, durability: str, server_args: Sequence[str] = ()):
         self.durability = durability
+        self.server_args = tuple(server_args)  # more `normserve serve` options (--server-args)
         self.normserve: Any = None  # --batching off
         self.normserve_batch: Any = None  # --batching on
         self.lean: Any = None
@@ -283,9 +291,9 @@ class Servers:
         from lean import LeanProcess
 
         if need_normserve:
-            self.normserve = start_normserve(self.durability, "--batching", "off")
+            self.normserve = start_normserve(self.durability, *self.server_args, "--batching", "off")
         if need_normserve_batch:
-            self.normserve_batch = start_normserve(self.durability, "--batching", "on")
+            self.normserve_batch = start_normserve(self.durability, *self.server_args, "--batching", "on")
         if need_lean:
             self.lean = LeanProcess().start()
         if need_lean_aio:
@@ -353,6 +361,8 @@ def run_cell(
                         "seed": seed_for(wl, mode, i),
                         "warmup": warmup,
                         "stream_depth": args.stream_depth,
+                "repeat": args.repeat,
+                "server_args": args.server_args,
                         "kind": spec["kind"],
                         "num_features": spec["num_features"],
                         "state": state,
@@ -495,6 +505,24 @@ def cell_line(cell: dict[str, Any]) -> str:
 
 
 # -- the final table -----------------------------------------------------------------------
+def medians(cells: list[dict]) -> list[dict]:
+    """One cell per (workload, mode, clients, path): the median of each number over the
+    repetitions (--repeat). Ratios are medians of the per-repetition ratios, each taken
+    against the baseline measured just before it, so slow drifts of the machine cancel."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["workload"], c["mode"], c["clients"], c["path"]), []).append(c)
+    out = []
+    for group in groups.values():
+        cell = dict(group[0])
+        for key, value in group[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("clients", "repetition"):
+                values = [c[key] for c in group if isinstance(c.get(key), (int, float))]
+                cell[key] = statistics.median(values) if values else value
+        out.append(cell)
+    return out
+
+
 def table(
     cells: list[dict], workloads: list[str], modes: list[str], levels: dict[str, list[int]], paths: list[str]
 ) -> str:
@@ -712,6 +740,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     g.add_argument("--processes", dest="processes", action="store_true", default=True, help="clients are processes (default)")
     g.add_argument("--threads", dest="processes", action="store_false", help="clients are threads of this process")
     p.add_argument("--durability", default="none", choices=("none", "interval", "always"), help="normserve --durability")
+    p.add_argument("--repeat", type=int, default=1, help="run each workload/mode/clients group N times; tables show medians")
+    p.add_argument("--server-args", default="", help="more `normserve serve` options, e.g. \"--max-workers 16\"")
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests per client (default 5; --quick 2)")
     p.add_argument("--warmup-w3", type=int, default=None, help="warm-up requests per client for W3 (default 2; --quick 1)")
     p.add_argument("--stream-depth", type=int, default=8, help="most messages in flight per stream (default 8)")
@@ -729,8 +759,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.warmup_w3 = args.warmup_w3 if args.warmup_w3 is not None else (1 if args.quick else 2)
     if args.seconds <= 0 or args.seconds > 600:
         p.error("--seconds must be in (0, 600]")
-    if min(args.warmup, args.warmup_w3) < 1 or args.stream_depth < 1:
-        p.error("--warmup, --warmup-w3 and --stream-depth must be >= 1")
+    if min(args.warmup, args.warmup_w3, args.repeat) < 1 or args.stream_depth < 1:
+        p.error("--warmup, --warmup-w3, --stream-depth and --repeat must be >= 1")
     try:
         args.path_list = [PATHS[k.strip()] for k in args.paths.split(",") if k.strip()]
     except KeyError as e:
@@ -782,7 +812,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"durability={args.durability}; {os.cpu_count()} CPUs; load {load_before[0]:.2f}; "
         f"commit {git['commit']}" + (f" + {git['dirty_files']} uncommitted file(s)" if git["dirty_files"] else "")
     )
-    servers = Servers(args.durability)
+    servers = Servers(args.durability, shlex.split(args.server_args))
     workers = Workers(args.processes)
     cells: list[dict] = []
     failures: list[str] = []
@@ -799,15 +829,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         for wl in args.workloads if paths else ():
             for mode in args.modes:
                 for clients in args.levels[wl]:
-                    base: Optional[float] = None
-                    for path in order:
-                        cell = run_cell(workers, servers, wl, mode, clients, path, args)
-                        if path == BASELINE:
-                            base = cell["req_s"]
-                        if base:
-                            cell["ratio_to_lean"] = cell["req_s"] / base
-                        cells.append(cell)
-                        _log(cell_line(cell))
+                    for repetition in range(args.repeat):
+                        base: Optional[float] = None
+                        for path in order:
+                            cell = run_cell(workers, servers, wl, mode, clients, path, args)
+                            cell["repetition"] = repetition
+                            if path == BASELINE:
+                                base = cell["req_s"]
+                            if base:
+                                cell["ratio_to_lean"] = cell["req_s"] / base
+                            cells.append(cell)
+                            _log(cell_line(cell))
         if args.rss:
             _log(f"RSS: W2 x {args.rss_requests} requests on a fresh normserve server ...")
             rss = measure_rss(args.durability, args.rss_requests)
@@ -836,15 +868,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         servers.stop()
     elapsed = time.monotonic() - started
     if cells:
+        shown = medians(cells) if args.repeat > 1 else cells
+        if args.repeat > 1:
+            _log(f"\nTables: medians over {args.repeat} repetitions (each ratio is taken within its repetition)")
         _log("")
         columns = sorted(paths, key=lambda p: _KEY[p])
-        _log(table(cells, args.workloads, args.modes, args.levels, columns))
-        if any(c.get("server_cpu_ms_per_req") is not None for c in cells):
+        _log(table(shown, args.workloads, args.modes, args.levels, columns))
+        if any(c.get("server_cpu_ms_per_req") is not None for c in shown):
             _log("")
-            _log(cpu_table(cells, args.workloads, args.modes, args.levels, columns))
-        if any(c["path"] == "unary_batch" for c in cells) and any(c["path"] == "unary" for c in cells):
+            _log(cpu_table(shown, args.workloads, args.modes, args.levels, columns))
+        if any(c["path"] == "unary_batch" for c in shown) and any(c["path"] == "unary" for c in shown):
             _log("")
-            _log(batching_table(cells))
+            _log(batching_table(shown))
     _log(
         f"\n{len(cells)} cells in {elapsed:.1f} s; clients as {'processes' if args.processes else 'threads'}; "
         f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}"
@@ -861,6 +896,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "clients_as": "processes" if args.processes else "threads",
                 "durability": args.durability,
                 "stream_depth": args.stream_depth,
+                "repeat": args.repeat,
+                "server_args": args.server_args,
                 "warmup": args.warmup,
                 "warmup_w3": args.warmup_w3,
                 "cpus": os.cpu_count(),
