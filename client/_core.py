@@ -266,8 +266,13 @@ def encode_input(x: Any, out: pb.Tensor) -> wire.Buffer:
 
 def framed(message: Any, path: Sequence[int], data: wire.Buffer) -> Any:
     """`message` with `data` to travel beside it (wire.Framed), or `message` itself when
-    the bytes are in it already."""
-    return wire.Framed(message, path, data) if data else message
+    the bytes are in it already. Serialized here, so the caller's array is read when the
+    call is made (as with a plain message), not when gRPC gets to it."""
+    if not data:
+        return message
+    request = wire.Framed(message, path, data)
+    request.SerializeToString()  # kept: gRPC's serializer and any retry send these bytes
+    return request
 
 
 def input_layout(x: Any) -> tuple[Any, str, tuple[int, ...]]:

@@ -11,8 +11,10 @@ the hot messages (NormalizeRequest, NormalizeResponse, NormalizeStreamResponse) 
 - Receiving, `split` finds the data field in the raw message and returns the message's
   other bytes (parsed by protobuf as usual) and a memoryview of the data: no copy.
 
-Anything `split` is not sure about (the field more than once, groups, a malformed length)
-is left to protobuf's own parser, so the result never differs from FromString's.
+Anything `split` is not sure about (the field more than once, groups, a malformed or
+over-long varint, another member of a oneof on the path, more than a few dozen fields) is
+left to protobuf's own parser, so the result never differs from FromString's and the scan,
+which runs before authentication, stays cheap whatever the bytes.
 """
 
 from __future__ import annotations
@@ -35,26 +37,37 @@ RESPONSE_DATA = (_number(pb.NormalizeResponse, "output"), _DATA)
 STREAM_RESPONSE_DATA = (_number(pb.NormalizeStreamResponse, "response"), *RESPONSE_DATA)
 
 _LEN = 2  # wire type of length-delimited fields
+# The scan gives up (protobuf parses instead) past this many fields in one message: the
+# messages it is for have a handful, and a Python loop over millions would be a DoS.
+_MAX_FIELDS = 64
 # Below this many bytes protobuf's copies cost less than framing (small W1-like requests).
 MIN_FRAMED_BYTES = 32 * 1024
 
 
 class Framed:
     """A message whose tensor bytes travel beside it. Reads of the message's fields pass
-    through (`framed.layer`); `payload` holds the bytes at `path`."""
+    through (`framed.layer`); `payload` holds the bytes at `path`.
 
-    __slots__ = ("message", "path", "payload")
+    The payload may view the caller's array: it is serialized once, on first use, and a
+    retry sends those same bytes."""
+
+    __slots__ = ("message", "path", "payload", "_serialized")
 
     def __init__(self, message: Any, path: Sequence[int], payload: Buffer):
         self.message = message
         self.path = path
         self.payload = payload
+        self._serialized: Optional[bytes] = None
 
     def __getattr__(self, name: str) -> Any:
+        if name in Framed.__slots__:  # not set yet (e.g. copy.copy): no recursion
+            raise AttributeError(name)
         return getattr(self.message, name)
 
     def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf method's name
-        return splice(self.message.SerializeToString(), self.path, self.payload)
+        if self._serialized is None:
+            self._serialized = splice(self.message.SerializeToString(), self.path, self.payload)
+        return self._serialized
 
     def __repr__(self) -> str:
         return f"Framed({self.message!r}, payload={memoryview(self.payload).nbytes} bytes)"
@@ -95,50 +108,55 @@ class _Unsupported(Exception):
     """A shape of message `split` leaves to protobuf."""
 
 
-def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(view: memoryview, pos: int, end: int, max_bytes: int) -> tuple[int, int]:
     value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Unsupported
+    for pos in range(pos, min(end, pos + max_bytes)):
         byte = view[pos]
-        pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, pos
+            return value, pos + 1
         shift += 7
+    raise _Unsupported  # truncated, or longer than protobuf accepts here
 
 
-def _strip(view: memoryview, start: int, end: int, path: Sequence[int]) -> Optional[tuple[bytes, memoryview]]:
+def _strip(
+    view: memoryview, start: int, end: int, path: Sequence[int], others: Sequence[frozenset[int]]
+) -> Optional[tuple[bytes, memoryview]]:
     """The bytes [start, end) without the field at `path`, and that field's bytes; None
-    when the field is absent."""
-    number = path[0]
+    when the field is absent. `others[i]`: the other members of the oneof holding path[i]
+    (when one is present, which member wins is protobuf's business)."""
+    number, excluded = path[0], others[0]
     hit: Optional[tuple[int, int, int, Optional[tuple[bytes, memoryview]]]] = None
     pos = start
-    while pos < end:
+    for _ in range(_MAX_FIELDS):
+        if pos >= end:
+            break
         field_start = pos
-        key, pos = _read_varint(view, pos, end)
+        key, pos = _read_varint(view, pos, end, 5)  # upb refuses longer tags
         field, wire_type = key >> 3, key & 7
+        if field == 0 or field in excluded or key >= 1 << 32:
+            raise _Unsupported
         if wire_type == 0:
-            _, pos = _read_varint(view, pos, end)
+            _, pos = _read_varint(view, pos, end, 10)
         elif wire_type == 1:
             pos += 8
         elif wire_type == 5:
             pos += 4
         elif wire_type == _LEN:
-            length, body = _read_varint(view, pos, end)
+            length, body = _read_varint(view, pos, end, 5)  # upb refuses longer lengths
             pos = body + length
             if pos <= end and field == number:
-                inner = None if len(path) == 1 else _strip(view, body, pos, path[1:])
+                inner = None if len(path) == 1 else _strip(view, body, pos, path[1:], others[1:])
                 if len(path) == 1 or inner is not None:
                     if hit is not None:
                         raise _Unsupported  # twice: protobuf's merge rules decide
                     hit = (field_start, body, pos, inner)
         else:
             raise _Unsupported  # groups, or not protobuf at all
-        if field == number and wire_type != _LEN or field == 0:
+        if field == number and wire_type != _LEN:
             raise _Unsupported
     if pos != end:
-        raise _Unsupported
+        raise _Unsupported  # past the end, or more fields than _MAX_FIELDS
     if hit is None:
         return None
     field_start, body, field_end, inner = hit
@@ -148,12 +166,27 @@ def _strip(view: memoryview, start: int, end: int, path: Sequence[int]) -> Optio
     return b"".join([view[start:field_start], _varint(number << 3 | _LEN), _varint(len(rest)), rest, view[field_end:end]]), data
 
 
-def split(raw: bytes, path: Sequence[int]) -> Optional[tuple[bytes, memoryview]]:
+def oneof_others(message_class: Any, path: Sequence[int]) -> tuple[frozenset[int], ...]:
+    """For each field on `path`, the numbers of the other members of its oneof (if any)."""
+    others = []
+    descriptor = message_class.DESCRIPTOR
+    for number in path:
+        field = descriptor.fields_by_number[number]
+        oneof = field.containing_oneof
+        others.append(frozenset(f.number for f in oneof.fields if f.number != number) if oneof else frozenset())
+        descriptor = field.message_type
+    return tuple(others)
+
+
+def split(
+    raw: bytes, path: Sequence[int], others: Optional[Sequence[frozenset[int]]] = None
+) -> Optional[tuple[bytes, memoryview]]:
     """(`raw` without the bytes field at `path`, a view of that field's bytes), or None
-    when the field is absent or the message has a shape this leaves to protobuf."""
+    when the field is absent or the message has a shape this leaves to protobuf (`others`:
+    see oneof_others)."""
     view = memoryview(raw)
     try:
-        return _strip(view, 0, len(view), path)
+        return _strip(view, 0, len(view), path, others or (frozenset(),) * len(path))
     except _Unsupported:
         return None
 
@@ -161,9 +194,10 @@ def split(raw: bytes, path: Sequence[int]) -> Optional[tuple[bytes, memoryview]]
 def parser(message_class: Any, path: Sequence[int]) -> Callable[[bytes], Any]:
     """A gRPC deserializer: a Framed message (or a plain one, see `split`); raises what
     message_class.FromString raises."""
+    others = oneof_others(message_class, path)
 
     def parse(raw: bytes) -> Any:
-        parts = split(raw, path) if len(raw) >= MIN_FRAMED_BYTES else None
+        parts = split(raw, path, others) if len(raw) >= MIN_FRAMED_BYTES else None
         if parts is None:
             return message_class.FromString(raw)
         rest, data = parts

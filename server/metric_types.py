@@ -9,7 +9,8 @@ scrape may miss updates made while it runs, never lose them). Sums are exact whi
 thread increments or decrements, so a gauge may go up on one thread and down on another.
 
 They are exposed through a collector, under the same names, labels, buckets and
-exemplars as prometheus_client's own types.
+exemplars as prometheus_client's own types (no `_created` samples). Cells of threads that
+have ended are kept (their counts must not vanish); the server's threads are long-lived.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Series:
         return totals
 
 
-class CounterSeries(_Series):
+class GaugeSeries(_Series):
     __slots__ = ()
 
     def __init__(self) -> None:
@@ -66,12 +67,17 @@ class CounterSeries(_Series):
         except AttributeError:
             self._cell()[0] += amount
 
-
-class GaugeSeries(CounterSeries):
-    __slots__ = ()
-
     def dec(self, amount: float = 1.0) -> None:
         self.inc(-amount)
+
+
+class CounterSeries(GaugeSeries):
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters can only be incremented by non-negative amounts")
+        super().inc(amount)
 
 
 class HistogramSeries(_Series):
@@ -89,10 +95,14 @@ class HistogramSeries(_Series):
             cell = self._local.cell
         except AttributeError:
             cell = self._cell()
+        cell[-1] += value
+        if value != value:
+            return  # NaN: in the sum, in no bucket (as prometheus_client does)
         i = bisect_left(self._bounds, value)  # the first bucket whose bound is >= value
         cell[i] += 1
-        cell[-1] += value
-        if exemplar is not None:
+        # OpenMetrics caps an exemplar's labels at 128 characters; a longer one (the request
+        # id is the caller's) is dropped rather than break the exposition.
+        if exemplar is not None and sum(len(k) + len(v) for k, v in exemplar.items()) <= 128:
             self.exemplars[i] = Exemplar(exemplar, value, time.time())  # the latest one wins
 
 
@@ -103,19 +113,24 @@ class _Family:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], Any] = {}
+        self._series: dict[tuple[str, ...], Any] = {}  # keyed by str values (see labels)
         self._lock = threading.Lock()
+        if not self.labelnames:
+            self._only = self.labels()  # exposed (at zero) from the start
 
     def _new(self) -> Any:
         raise NotImplementedError
 
-    def labels(self, *values: str) -> Any:
+    def labels(self, *values: Any) -> Any:
         series = self._series.get(values)
         if series is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            key = tuple(str(v) for v in values)  # label values are strings, as in prometheus_client
             with self._lock:
-                series = self._series.setdefault(values, self._new())
+                series = self._series.get(key)
+                if series is None:
+                    series = self._series[key] = self._new()
         return series
 
     def _items(self) -> list[tuple[tuple[str, ...], Any]]:
@@ -143,11 +158,6 @@ class Gauge(_Family):
 
     exposed_as = GaugeMetricFamily
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()):
-        super().__init__(name, documentation, labelnames)
-        if not self.labelnames:
-            self._only: GaugeSeries = self.labels()
-
     def _new(self) -> GaugeSeries:
         return GaugeSeries()
 
@@ -160,12 +170,14 @@ class Gauge(_Family):
 
 class Histogram(_Family):
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]):
-        super().__init__(name, documentation, labelnames)
+        if "le" in labelnames:
+            raise ValueError("a histogram can't have a label named le")
         bounds = tuple(float(b) for b in buckets)
         if list(bounds) != sorted(set(bounds)) or bounds[-1] == float("inf"):
             raise ValueError("buckets must be increasing and finite (+Inf is added)")
         self._bounds = bounds
         self._les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+        super().__init__(name, documentation, labelnames)  # last: it may create the series
 
     def _new(self) -> HistogramSeries:
         return HistogramSeries(self._bounds)

@@ -8,6 +8,7 @@ import threading
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,13 +46,13 @@ def test_exposition_matches_prometheus_client_for_the_same_updates():
     pu = prometheus_client.Gauge("t_open", "u", registry=theirs)
     rng = random.Random(7)
     # Every bound itself (le is inclusive), values between and beyond them, and zero.
-    values = list(BOUNDS) + [0.0, 20.0, 1e9] + [rng.uniform(0, 12) for _ in range(300)]
+    values = list(BOUNDS) + [0.0, 20.0, 1e9, float("inf"), -1.0] + [rng.uniform(0, 12) for _ in range(300)]
     for v in values:
         labels = (rng.choice(["A", "B"]), rng.choice(["OK", "NOT_FOUND"]))
         h.labels(*labels).observe(v)
         ph.labels(*labels).observe(v)
-        c.labels(labels[0]).inc(v)
-        pc.labels(labels[0]).inc(v)
+        c.labels(labels[0]).inc(abs(v))
+        pc.labels(labels[0]).inc(abs(v))
         g.labels(labels[0]).inc()
         pg.labels(labels[0]).inc()
         if v > 5:
@@ -64,6 +65,53 @@ def test_exposition_matches_prometheus_client_for_the_same_updates():
     pu.inc()
     pu.dec()
     assert _samples(ours) == _samples(theirs)
+    assert _openmetrics(ours) == _openmetrics(theirs)
+
+
+def _openmetrics(registry: CollectorRegistry) -> list[str]:
+    return [line for line in openmetrics_latest(registry).decode().splitlines() if "_created" not in line]
+
+
+def test_nan_goes_into_the_sum_and_no_bucket_like_prometheus_client():
+    ours, fast, theirs = _pair()
+    fast.add(mt.Histogram("t_nan", "h", [], BOUNDS)).labels().observe(float("nan"))
+    prometheus_client.Histogram("t_nan", "h", buckets=BOUNDS, registry=theirs).observe(float("nan"))
+    mine = {(s[0], s[1]): s[2] for s in _samples(ours)}
+    other = {(s[0], s[1]): s[2] for s in _samples(theirs)}
+    assert mine.keys() == other.keys()
+    for key, value in other.items():
+        assert (value != value and mine[key] != mine[key]) or mine[key] == value, key
+
+
+def test_unlabelled_families_are_exposed_at_zero_from_the_start():
+    ours, fast, theirs = _pair()
+    fast.add(mt.Counter("t_c", "c"))
+    fast.add(mt.Histogram("t_h", "h", [], (1.0,)))
+    prometheus_client.Counter("t_c", "c", registry=theirs)
+    prometheus_client.Histogram("t_h", "h", buckets=(1.0,), registry=theirs)
+    assert _samples(ours) == _samples(theirs)
+
+
+def test_label_values_are_strings_and_counters_only_go_up():
+    c = mt.Counter("t_codes", "c", ["code"])
+    c.labels(200).inc()
+    c.labels("200").inc()
+    assert c.labels("200") is c.labels(200) and c.labels("200").totals()[0] == 2
+    registry, fast, _ = _pair()
+    fast.add(c)
+    assert ("t_codes_total", (("code", "200"),), 2.0) in _samples(registry)
+    try:
+        c.labels("200").inc(-1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a counter went down")
+    try:
+        mt.Histogram("t_h", "h", ["le"], (1.0,))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a histogram label named le was accepted")
 
 
 def test_concurrent_updates_from_many_threads_are_all_counted():
@@ -122,6 +170,11 @@ def test_exemplars_are_exposed_on_the_bucket_they_fell_in():
     bucket = next(line for line in text.splitlines() if 'le="0.001"' in line)
     assert '# {request_id="req-1"} 0.0003' in bucket
     assert all("#" not in line for line in text.splitlines() if 'le="0.5"' in line)
+    # Over OpenMetrics' 128 characters: dropped, and the exposition stays valid.
+    h.labels("Normalize").observe(0.2, {"request_id": "x" * 200})
+    text = openmetrics_latest(registry).decode()
+    assert "x" * 200 not in text
+    list(openmetrics_parser.text_string_to_metric_families(text))
 
 
 def test_wrong_label_count_and_bad_buckets_are_refused():

@@ -66,7 +66,7 @@ def test_framed_serializes_to_what_protobuf_parses_as_the_whole_message(cls, pat
 def test_split_then_parse_gives_what_from_string_gives(cls, path, data):
     message, payload = data.draw(messages(cls))
     for raw in (message.SerializeToString(), wire.Framed(_without_data(message, path), path, payload).SerializeToString()):
-        parts = wire.split(raw, path)
+        parts = wire.split(raw, path, wire.oneof_others(cls, path))
         if payload:
             assert parts is not None
         if parts is None:
@@ -97,6 +97,8 @@ def test_any_bytes_parse_exactly_as_from_string_or_fail_alike(cls, path):
         raw = data.draw(st.one_of(
             st.binary(max_size=80),
             st.just(valid),
+            # Another member of the oneof after the data (stream responses: error wins).
+            st.just(valid + pb.NormalizeStreamResponse(error=pb.Error(code=5)).SerializeToString()),
             # Near misses are the risky ones: bytes inserted, dropped or replaced.
             st.binary(max_size=3).map(lambda b: valid[:at] + b + valid[at:]),
             st.integers(1, 4).map(lambda n: valid[:at] + valid[at + n:]),
@@ -106,7 +108,7 @@ def test_any_bytes_parse_exactly_as_from_string_or_fail_alike(cls, path):
             expected = cls.FromString(raw)
         except DecodeError:
             expected = None
-        parts = wire.split(raw, path)
+        parts = wire.split(raw, path, wire.oneof_others(cls, path))
         if parts is None:
             outcomes["left to protobuf"] += 1  # the same by definition
             return
@@ -130,7 +132,7 @@ def test_any_bytes_parse_exactly_as_from_string_or_fail_alike(cls, path):
 def test_data_given_twice_is_left_to_protobuf_which_keeps_the_last(cls, path):
     first = wire.Framed(cls(), path, b"first").SerializeToString()
     raw = wire.splice(first, path, b"second")
-    assert wire.split(raw, path) is None
+    assert wire.split(raw, path, wire.oneof_others(cls, path)) is None
     parse = wire.parser(cls, path)
     padded = raw + wire.splice(b"", path, b"x" * wire.MIN_FRAMED_BYTES)  # over the framing threshold
     assert wire.split(padded, path) is None
@@ -149,3 +151,87 @@ def test_parser_frames_large_payloads_and_parses_small_ones_whole():
     assert wire.payload(small) is None
     with pytest.raises(DecodeError):
         parse(b"\xff" * (wire.MIN_FRAMED_BYTES + 1))
+
+
+def _varint(n: int, width: int = 0) -> bytes:
+    """n as a varint, padded to `width` bytes with continuation bytes (over-long encoding)."""
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte)
+        if not n and len(out) >= width:
+            break
+    for i in range(len(out) - 1):
+        out[i] |= 0x80
+    return bytes(out)
+
+
+@pytest.mark.parametrize("where", ["data length", "data tag", "input length", "input tag"])
+def test_over_long_tags_and_lengths_are_refused_as_protobuf_refuses_them(where):
+    """upb accepts at most 5 bytes for a tag or a length: so must split, or it would turn
+    an undecodable request into a decodable one."""
+    data = b"\0" * 40_000
+    wide = lambda n, key: _varint(n, 7) if where == key else _varint(n)  # noqa: E731
+    inner = wide(3 << 3 | 2, "data tag") + wide(len(data), "data length") + data
+    raw = wide(3 << 3 | 2, "input tag") + wide(len(inner), "input length") + inner
+    with pytest.raises(DecodeError):
+        pb.NormalizeRequest.FromString(raw)
+    assert wire.split(raw, wire.REQUEST_DATA) is None
+    with pytest.raises(DecodeError):
+        wire.parser(pb.NormalizeRequest, wire.REQUEST_DATA)(raw)
+
+
+def test_another_member_of_the_oneof_leaves_the_choice_to_protobuf():
+    """error after response{output{data}}: protobuf keeps the error; so does the parser."""
+    data = b"\1" * wire.MIN_FRAMED_BYTES
+    raw = wire.splice(pb.NormalizeStreamResponse(sequence=4).SerializeToString(), wire.STREAM_RESPONSE_DATA, data)
+    raw += pb.NormalizeStreamResponse(error=pb.Error(code=5, message="gone")).SerializeToString()
+    expected = pb.NormalizeStreamResponse.FromString(raw)
+    assert expected.WhichOneof("result") == "error"
+    parsed = wire.parser(pb.NormalizeStreamResponse, wire.STREAM_RESPONSE_DATA)(raw)
+    assert not isinstance(parsed, wire.Framed) and parsed == expected
+
+
+def test_messages_of_many_fields_are_left_to_protobuf():
+    """The scan runs before authentication: past a few dozen fields it gives up rather
+    than loop in Python over millions of them."""
+    data = b"\0" * wire.MIN_FRAMED_BYTES
+    head = pb.NormalizeRequest(layer="a").SerializeToString() + b"\x78\x00" * 1000  # unknown field 15
+    raw = wire.splice(head, wire.REQUEST_DATA, data)
+    assert wire.split(raw, wire.REQUEST_DATA) is None
+    assert wire.parser(pb.NormalizeRequest, wire.REQUEST_DATA)(raw) == pb.NormalizeRequest.FromString(raw)
+
+
+@pytest.mark.parametrize("cls,path", CASES, ids=IDS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_parser_gives_what_from_string_gives(cls, path, data):
+    message, payload = data.draw(messages(cls))
+    raw = wire.Framed(_without_data(message, path), path, payload).SerializeToString()
+    parsed = wire.parser(cls, path)(raw)
+    if isinstance(parsed, wire.Framed):
+        assert len(raw) >= wire.MIN_FRAMED_BYTES and wire.payload(parsed).obj is raw
+        whole = type(message)()
+        whole.CopyFrom(parsed.message)
+        _tensor_of(whole, path).data = bytes(parsed.payload)
+        parsed = whole
+    assert parsed == message
+
+
+def test_framed_reads_through_copies_and_serializes_once():
+    import copy
+
+    import numpy as np
+
+    array = np.arange(wire.MIN_FRAMED_BYTES, dtype=np.float32)
+    request = pb.NormalizeRequest(layer="bn", request_id="r-1")
+    framed = wire.Framed(request, wire.REQUEST_DATA, array.data)
+    assert framed.layer == "bn" and framed.request_id == "r-1" and framed.HasField("input") is False
+    first = framed.SerializeToString()
+    array[:] = -1  # the caller reuses its array: a retry must still send what was sent
+    assert framed.SerializeToString() == first
+    assert bytes(pb.NormalizeRequest.FromString(first).input.data) == np.arange(wire.MIN_FRAMED_BYTES, dtype=np.float32).tobytes()
+    clone = copy.copy(framed)
+    assert clone.layer == "bn" and clone.SerializeToString() == first
+    with pytest.raises(AttributeError):
+        framed.no_such_field
