@@ -153,27 +153,28 @@ class _IdleStreams:
 
     def __init__(self, idle_seconds: float):
         self.idle_seconds = idle_seconds
-        self._open: dict[int, tuple[grpc.ServicerContext, float]] = {}
+        self._open: dict[int, list[Any]] = {}  # token -> [context, last activity]
         self._lock = threading.Lock()
         self._sweeper: Optional[threading.Thread] = None
 
-    def open(self, context: grpc.ServicerContext) -> int:
-        token = id(context)
+    def open(self, context: grpc.ServicerContext) -> list[Any]:
+        """Start watching a stream; returns its token for touch and close."""
+        entry = [context, monotonic()]
         with self._lock:
-            self._open[token] = (context, monotonic())
+            self._open[id(entry)] = entry
             if self._sweeper is None and self.idle_seconds:
                 self._sweeper = threading.Thread(target=self._sweep, name="normserve-idle-streams", daemon=True)
                 self._sweeper.start()
-        return token
+        return entry
 
-    def touch(self, token: int) -> None:
-        with self._lock:
-            if token in self._open:
-                self._open[token] = (self._open[token][0], monotonic())
+    @staticmethod
+    def touch(entry: list[Any]) -> None:
+        # No lock: one float store per message (the sweeper reads a recent enough value).
+        entry[1] = monotonic()
 
-    def close(self, token: int) -> None:
+    def close(self, entry: list[Any]) -> None:
         with self._lock:
-            self._open.pop(token, None)
+            self._open.pop(id(entry), None)
 
     def _sweep(self) -> None:
         while True:
@@ -387,12 +388,13 @@ class NormServicer(pb_grpc.NormServiceServicer):
             metrics.observe_request("NormalizeStream", "none", "UNAUTHENTICATED", 0.0)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         in_flight = metrics.in_flight.labels("NormalizeStream")
+        received, sent = metrics.stream_messages.labels("received"), metrics.stream_messages.labels("sent")
         metrics.open_streams.inc()
         watch = self._idle_streams.open(context)
         try:
             for sequence, request in enumerate(request_iterator):
                 self._idle_streams.touch(watch)
-                metrics.stream_messages.labels("received").inc()
+                received.inc()
                 undecodable = isinstance(request, Undecodable)
                 mode = "invalid" if undecodable else _MODES.get(request.mode, "invalid")
                 in_flight.inc()
@@ -417,7 +419,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 _log_request("NormalizeStream", mode, code, seconds, request_id, layer)
                 yield response
                 self._idle_streams.touch(watch)
-                metrics.stream_messages.labels("sent").inc()
+                sent.inc()
         finally:
             self._idle_streams.close(watch)
             metrics.open_streams.dec()
