@@ -125,7 +125,9 @@ def test_any_bytes_parse_exactly_as_from_string_or_fail_alike(cls, path):
         outcomes["split, both parse"] += 1
 
     run()
-    assert outcomes["split, both parse"] > 50, outcomes  # not vacuous
+    # Not vacuous: (of 400; ~70-150 seen, fewer for stream responses, whose oneof rivals
+    # are always left to protobuf) a bound that chance can't miss.
+    assert outcomes["split, both parse"] > 10, outcomes
 
 
 @pytest.mark.parametrize("cls,path", CASES, ids=IDS)
