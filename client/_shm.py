@@ -175,10 +175,8 @@ def read_output(segment: Segment, t: pb.Tensor, device: Any) -> Any:
             f"the server placed the output at {ref.region!r} [{ref.offset}, {ref.offset + ref.byte_size}), "
             f"outside the request's segment {segment.name!r} of {segment.size} bytes"
         )
-    if device is None:
-        return codec.numpy_view(segment.shm.buf, name, shape, ref.offset).copy()
-    view = codec.torch_view(segment.shm.buf, name, shape, ref.offset)
-    return view.clone() if getattr(device, "type", device) == "cpu" else view.to(device)
+    view_of = codec.numpy_view if device is None else codec.torch_view
+    return codec.copy_out(view_of(segment.shm.buf, name, shape, ref.offset), device)
 
 
 def ref(segment: Segment, offset: int, nbytes: int) -> pb.SharedMemoryRef:

@@ -139,6 +139,14 @@ def torch_view(buffer: Any, name: str, shape: tuple[int, ...], offset: int) -> "
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(shape)
 
 
+def copy_out(view: Any, device: Any = None) -> Any:
+    """A decoded view (of message bytes or a shared-memory region) copied into memory of
+    its own: a numpy array when `device` is None, else a torch tensor on `device`."""
+    if device is None:
+        return view.copy()
+    return view.clone() if getattr(device, "type", device) == "cpu" else view.to(device)
+
+
 def numpy_view(buffer: Any, name: str, shape: tuple[int, ...], offset: int) -> np.ndarray:
     """The numpy twin of torch_view (not for bfloat16, which numpy lacks)."""
     if name not in NUMPY_DTYPES:
@@ -234,12 +242,9 @@ def encode_head(x: Any, out: pb.Tensor) -> Buffer:
     wire.Framed to send beside the message without copying them into it. Small tensors
     (under wire.MIN_FRAMED_BYTES) go into `out` after all; b"" is returned then."""
     name, shape, array = _torch_array(x) if is_torch(x) else _numpy_array(x)
-    out.dtype = DTYPE_ENUMS[name]
-    out.shape[:] = shape
-    if array.nbytes < MIN_FRAMED_BYTES:
-        out.data = array.tobytes()
-        return b""
-    return array.reshape(-1).view(np.uint8).data  # a memoryview of the array, no copy
+    small = array.nbytes < MIN_FRAMED_BYTES
+    _fill(out, DTYPE_ENUMS[name], shape, array.tobytes() if small else b"")
+    return b"" if small else array.reshape(-1).view(np.uint8).data  # a memoryview of the array, no copy
 
 
 # -- layer specs -------------------------------------------------------------------------

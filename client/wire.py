@@ -73,6 +73,17 @@ class Framed:
         return f"Framed({self.message!r}, payload={memoryview(self.payload).nbytes} bytes)"
 
 
+def frame(message: Any, path: Sequence[int], data: Buffer) -> Any:
+    """`message` with `data` to travel beside it, or `message` itself when `data` is empty
+    (its bytes, if any, are in it). Serialized now: the data may view a caller's array,
+    which is read when the call is made, not when gRPC gets to it."""
+    if not data:
+        return message
+    framed = Framed(message, path, data)
+    framed.SerializeToString()  # kept: gRPC's serializer and any retry send these bytes
+    return framed
+
+
 def payload(message: Any) -> Optional[Buffer]:
     """The tensor bytes that travel beside `message`, or None for a plain message."""
     return message.payload if isinstance(message, Framed) else None

@@ -176,7 +176,7 @@ class RequestRegions:
 
     def write(self, place: Place, y: torch.Tensor, out: pb.Tensor) -> None:
         """Copy the output into its place and describe it in `out` (no data)."""
-        name = str(y.dtype).removeprefix("torch.")
+        name = codec.tensor_dtype_name(y)
         nbytes = y.numel() * y.element_size()
         place.region.check_place(place.offset, nbytes, y.element_size(), "output_shared_memory")
         if nbytes > place.byte_size:

@@ -367,7 +367,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
         principal = self._auth.authenticate(context.invocation_metadata())
         response = pb.NormalizeResponse()
         output = self._normalize(request, principal, context.is_active, response, context.peer)
-        return wire.Framed(response, wire.RESPONSE_DATA, output) if output else response
+        return wire.frame(response, wire.RESPONSE_DATA, output)
 
     def NormalizeStream(
         self, request_iterator: Iterator[pb.NormalizeRequest], context: grpc.ServicerContext
@@ -404,7 +404,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                         raise request.error()
                     message = pb.NormalizeStreamResponse(sequence=sequence)
                     output = self._normalize(request, principal, context.is_active, message.response, context.peer)
-                    response = wire.Framed(message, wire.STREAM_RESPONSE_DATA, output) if output else message
+                    response = wire.frame(message, wire.STREAM_RESPONSE_DATA, output)
                     code = "OK"
                 except Exception as exc:
                     status, message = status_for(exc, "NormalizeStream")
