@@ -264,31 +264,17 @@ def encode_input(x: Any, out: pb.Tensor) -> wire.Buffer:
     return data
 
 
-def framed(message: Any, path: Sequence[int], data: wire.Buffer) -> Any:
-    """`message` with `data` to travel beside it (wire.Framed), or `message` itself when
-    the bytes are in it already. Serialized here, so the caller's array is read when the
-    call is made (as with a plain message), not when gRPC gets to it."""
-    if not data:
-        return message
-    request = wire.Framed(message, path, data)
-    request.SerializeToString()  # kept: gRPC's serializer and any retry send these bytes
-    return request
-
-
 def input_layout(x: Any) -> tuple[Any, str, tuple[int, ...]]:
     """(x as a numpy array or torch tensor, dtype name, shape) of a normalize input that
     goes through shared memory; the checks of encode_input."""
-    try:
+
+    def layout(x: Any, _: None) -> tuple[Any, str]:
         if is_torch(x):
-            _check_torch(x)
-            name = codec.tensor_dtype_name(x)
-        else:
-            x = np.asarray(x)
-            name = codec.array_dtype_name(x)
-    except codec.CodecError as e:
-        raise _invalid(e) from None
-    except (TypeError, ValueError) as e:  # e.g. np.asarray of a ragged list
-        raise InvalidArgumentError(f"cannot encode {type(x).__name__} as a tensor: {e}") from None
+            return x, codec.tensor_dtype_name(x)
+        x = np.asarray(x)
+        return x, codec.array_dtype_name(x)
+
+    x, name = _encoded(layout, x, None)
     return x, _check_input_dtype(name), tuple(x.shape)
 
 
@@ -301,10 +287,8 @@ def decode(t: pb.Tensor, device: Any = None, data: Optional[wire.Buffer] = None)
     """A writable numpy array, or a torch tensor on `device` when one is given (`data`:
     the bytes, when they travelled beside the message)."""
     try:
-        if device is not None:
-            tensor = codec.to_torch(t, data=data)  # views the message's bytes: copy it out
-            return tensor.clone() if getattr(device, "type", device) == "cpu" else tensor.to(device)
-        return codec.to_numpy(t, data=data).copy()
+        view = codec.to_numpy(t, data=data) if device is None else codec.to_torch(t, data=data)
+        return codec.copy_out(view, device)  # the view is of the message's bytes
     except codec.CodecError as e:
         raise _invalid(e) from None
 
@@ -454,7 +438,7 @@ def normalize(layer: str, x: Any, mode: str, given_id: str) -> Call[NormalizeRes
     request = pb.NormalizeRequest(layer=layer, mode=value, request_id=request_id(value, given_id))
     data = encode_input(x, request.input)  # in place: a constructor argument would be copied again
     device = torch_device(x)
-    return Call("Normalize", framed(request, wire.REQUEST_DATA, data), lambda r: normalize_result(r, device))
+    return Call("Normalize", wire.frame(request, wire.REQUEST_DATA, data), lambda r: normalize_result(r, device))
 
 
 # -- same-host shared memory -------------------------------------------------------------------
@@ -571,9 +555,13 @@ def normalize_shared(pool: _shm.SegmentPool, layer: str, x: Any, mode: str, give
         pool.settle(segment, clean)
 
 
-def shared_result(response: pb.NormalizeResponse, segment: _shm.Segment, device: Any) -> NormalizeResult[Any]:
+def shared_result(
+    response: Any, segment: _shm.Segment, device: Any, data: Optional[wire.Buffer] = None
+) -> NormalizeResult[Any]:
+    """The result of a request through `segment` (its output there, or, when the server
+    sent it as bytes, in `response` or `data`: see normalize_result)."""
     if not response.output.HasField("shared_memory"):
-        return normalize_result(response, device)
+        return normalize_result(response, device, data)
     try:
         output = _shm.read_output(segment, response.output, device)
     except codec.CodecError as e:
@@ -605,7 +593,7 @@ def release_segments(segments: list[_shm.Segment]) -> Program[None]:
 def stream_request(layer: str, mode: "pb.Mode", x: Any) -> Any:
     """A stream message: a NormalizeRequest, plain or Framed."""
     request = pb.NormalizeRequest(layer=layer, mode=mode, request_id=request_id(mode, ""))
-    return framed(request, wire.REQUEST_DATA, encode_input(x, request.input))
+    return wire.frame(request, wire.REQUEST_DATA, encode_input(x, request.input))
 
 
 def shared_stream_request(
@@ -628,9 +616,10 @@ def stream_result(
         err = from_status_value(response.error.code, response.error.message)
         err.sequence = response.sequence
         raise err
+    data = wire.payload(response)  # a stream message's bytes travel beside the outer message
     if segment is not None:
-        return shared_result(response.response, segment, device)
-    return normalize_result(response.response, device, wire.payload(response))
+        return shared_result(response.response, segment, device, data)
+    return normalize_result(response.response, device, data)
 
 
 def stream_answer(

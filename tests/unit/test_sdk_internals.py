@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from normserve.client import RetryPolicy, _core as core
+from normserve.client import RetryPolicy, _core as core, _shm
 from normserve.client import codec, wire
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._retry import Attempts
@@ -214,3 +214,21 @@ def test_numpy_inputs_of_any_layout_are_sent_as_little_endian_c_order(rows):
         decoded = codec.to_numpy(t, data=data or None)
         np.testing.assert_array_equal(decoded, x)
         assert decoded.dtype == np.dtype("<f8")
+
+
+def test_a_stream_answer_sent_as_bytes_beside_the_message_is_read_for_a_shared_memory_request_too():
+    """A request through a segment whose output the server sent back as bytes (no room
+    asked for it, or an older server): the bytes travelled beside the stream message."""
+    expected = np.arange(wire.MIN_FRAMED_BYTES, dtype=np.float32).reshape(-1, 64)
+    message = pb.NormalizeStreamResponse(sequence=0)
+    data = codec.encode_head(expected, message.response.output)
+    assert data  # large enough to travel beside the message
+    response = wire.parser(pb.NormalizeStreamResponse, wire.STREAM_RESPONSE_DATA)(
+        wire.frame(message, wire.STREAM_RESPONSE_DATA, data).SerializeToString()
+    )
+    segment = _shm.Segment(1 << 20)
+    try:
+        for seg in (segment, None):
+            np.testing.assert_array_equal(core.stream_result(response, None, seg).output, expected)
+    finally:
+        segment.destroy()
