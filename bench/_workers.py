@@ -60,7 +60,7 @@ def _torch_module(spec: dict) -> Any:
     module = cls(spec["num_features"])
     module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in spec["state"].items()})
     module.train(spec["mode"] == "train")
-    return module
+    return module.to(spec["device"])
 
 
 def _unary_call(spec: dict, x: np.ndarray) -> tuple[Callable[[], Any], Callable[[], None]]:
@@ -70,11 +70,11 @@ def _unary_call(spec: dict, x: np.ndarray) -> tuple[Callable[[], Any], Callable[
         import torch
 
         module = _torch_module(spec)
-        xt = torch.from_numpy(x)
+        xt, device = torch.from_numpy(x), spec["device"]
 
-        def call() -> Any:
+        def call() -> Any:  # from and back to host memory, as a client's tensors travel
             with torch.no_grad():
-                return module(xt)
+                return module(xt.to(device)).cpu()
 
         return call, lambda: None
     if path in ("lean", "lean_aio"):

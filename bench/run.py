@@ -97,6 +97,7 @@ import multiprocessing as mp
 import os
 import pathlib
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -240,14 +241,16 @@ def reference_module(wl: str) -> Any:
     return module.eval()
 
 
-def expected_output(wl: str, mode: str, x: np.ndarray) -> np.ndarray:
-    """eval: the layer's module with the same state; train: a fresh copy in train mode."""
+def expected_output(wl: str, mode: str, x: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """eval: the layer's module with the same state; train: a fresh copy in train mode.
+
+    Computed on the server's device: GPU kernels round differently from CPU ones."""
     import torch
 
-    module = copy.deepcopy(reference_module(wl))
+    module = copy.deepcopy(reference_module(wl)).to(device)
     module.train(mode == "train")
     with torch.no_grad():
-        return module(torch.from_numpy(x)).numpy()
+        return module(torch.from_numpy(x).to(device)).cpu().numpy()
 
 
 def check_output(what: str, got: Any, want: np.ndarray) -> None:
@@ -361,8 +364,7 @@ def run_cell(
                         "seed": seed_for(wl, mode, i),
                         "warmup": warmup,
                         "stream_depth": args.stream_depth,
-                "repeat": args.repeat,
-                "server_args": args.server_args,
+                        "device": args.device,
                         "kind": spec["kind"],
                         "num_features": spec["num_features"],
                         "state": state,
@@ -373,7 +375,8 @@ def run_cell(
         try:
             for i, first in enumerate(firsts):
                 x = _workers.make_input(shape, seed_for(wl, mode, i))
-                check_output(f"{wl} {mode} c={clients} {path} client {i} (first response)", first, expected_output(wl, mode, x))
+                want = expected_output(wl, mode, x, "cpu" if path.startswith("lean") else args.device)
+                check_output(f"{wl} {mode} c={clients} {path} client {i} (first response)", first, want)
         except BaseException:
             for i in range(clients):
                 workers.conns[i].send(("abort",))
@@ -741,6 +744,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     g.add_argument("--threads", dest="processes", action="store_false", help="clients are threads of this process")
     p.add_argument("--durability", default="none", choices=("none", "interval", "always"), help="normserve --durability")
     p.add_argument("--repeat", type=int, default=1, help="run each workload/mode/clients group N times; tables show medians")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where normserve's layers and the in-process path compute: cpu (default), cuda or cuda:N; "
+        "the lean baseline stays on the CPU",
+    )
     p.add_argument("--server-args", default="", help="more `normserve serve` options, e.g. \"--max-workers 16\"")
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests per client (default 5; --quick 2)")
     p.add_argument("--warmup-w3", type=int, default=None, help="warm-up requests per client for W3 (default 2; --quick 1)")
@@ -759,6 +768,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.warmup_w3 = args.warmup_w3 if args.warmup_w3 is not None else (1 if args.quick else 2)
     if args.seconds <= 0 or args.seconds > 600:
         p.error("--seconds must be in (0, 600]")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device takes cpu, cuda or cuda:N, got {args.device!r}")
     if min(args.warmup, args.warmup_w3, args.repeat) < 1 or args.stream_depth < 1:
         p.error("--warmup, --warmup-w3, --stream-depth and --repeat must be >= 1")
     try:
@@ -809,10 +820,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     _log(
         f"normserve bench: workloads {','.join(args.workloads)}; paths {','.join(paths)}; "
         f"clients as {'processes' if args.processes else 'threads'}; {args.seconds:g} s per cell; "
-        f"durability={args.durability}; {os.cpu_count()} CPUs; load {load_before[0]:.2f}; "
+        f"durability={args.durability}; device {args.device}; {os.cpu_count()} CPUs; load {load_before[0]:.2f}; "
         f"commit {git['commit']}" + (f" + {git['dirty_files']} uncommitted file(s)" if git["dirty_files"] else "")
     )
-    servers = Servers(args.durability, shlex.split(args.server_args))
+    servers = Servers(args.durability, ["--device", args.device, *shlex.split(args.server_args)])
     workers = Workers(args.processes)
     cells: list[dict] = []
     failures: list[str] = []
@@ -898,6 +909,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "stream_depth": args.stream_depth,
                 "repeat": args.repeat,
                 "server_args": args.server_args,
+                "device": args.device,
                 "warmup": args.warmup,
                 "warmup_w3": args.warmup_w3,
                 "cpus": os.cpu_count(),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+
+import pytest
 import torch
 from torch import nn
 
@@ -39,7 +42,15 @@ def batches(kind: str, kwargs: dict, dtype: torch.dtype, n: int, seed: int) -> l
     return out
 
 
+def torch_lacks(kind: str, kwargs: dict) -> list[str]:
+    """Arguments this torch's module doesn't take (e.g. `bias` before torch 2.13)."""
+    return sorted(set(kwargs) - set(inspect.signature(getattr(nn, kind).__init__).parameters))
+
+
 def local_module(kind: str, kwargs: dict, dtype: torch.dtype) -> nn.Module:
+    """The reference module; skips the test where this torch has no such module to compare with."""
+    if missing := torch_lacks(kind, kwargs):
+        pytest.skip(f"torch {torch.__version__} has no {kind} argument {missing}")
     module = getattr(nn, kind)(**kwargs, dtype=dtype)
     module.requires_grad_(False)
     return module

@@ -42,7 +42,10 @@ class ServerProcess:
         self._ready = threading.Event()
 
     def start(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "normserve", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args]
+        # --device cpu unless a test names one: the parity suites compare with CPU torch, and
+        # the server's default (auto) would compute on a GPU where one is present.
+        cmd = [sys.executable, "-m", "normserve", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        cmd += ["--device", "cpu", *self.args]
         self.proc = subprocess.Popen(
             cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1
         )

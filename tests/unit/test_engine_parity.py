@@ -468,3 +468,18 @@ def test_accepts_exactly_the_inputs_torch_accepts(case):
             torch.testing.assert_close(out, expected, **EXACT, msg=lambda m: f"{mode} input {shape}: {m}")
             assert_state_equal(layer.state_dict()[0], module.state_dict())
     assert accepted > 0
+
+
+@pytest.mark.parametrize("kind", ("BatchNorm2d", "InstanceNorm1d", "LayerNorm", "GroupNorm"))
+def test_torch_without_bias_argument_refuses_bias_false_and_builds_bias_true(kind, monkeypatch):
+    """On a torch that lacks `bias` (before 2.13) the engine still builds bias=True layers."""
+    from normserve.server.engine import specs
+
+    monkeypatch.setitem(specs._TORCH_ACCEPTS, kind, set())
+    kwargs = {"GroupNorm": dict(num_groups=1, num_channels=4), "LayerNorm": dict(normalized_shape=[4])}.get(
+        kind, dict(num_features=4)
+    )
+    with pytest.raises(EngineError, match=rf"{kind}: bias=False needs torch >= 2.13"):
+        make_config(kind, **kwargs, bias=False)
+    built = specs.build_module(make_config(kind, **kwargs, bias=True))
+    assert built.state_dict().keys() == getattr(nn, kind)(**kwargs).state_dict().keys()
