@@ -11,7 +11,7 @@ import grpc
 import grpc.aio
 
 from . import _core as core
-from . import _shm
+from . import _packing, _shm
 from ._proto import normserve_pb2 as pb
 from ._core import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, CompressionArg, CredentialsArg, Metadata
 from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy
@@ -21,6 +21,7 @@ from .types import LayerInfo, NormalizeResult, StateVersion
 __all__ = ["AsyncClient"]
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 _PROBE_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 2.0
@@ -85,6 +86,7 @@ class AsyncClient:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[Any, Any]] = {}
         self._stream: Optional[grpc.aio.StreamStreamMultiCallable[Any, Any]] = None
+        self._packed_stream: Optional[grpc.aio.StreamStreamMultiCallable[Any, Any]] = None
         self._closed = False
 
     def _connect(self) -> grpc.aio.Channel:
@@ -106,9 +108,12 @@ class AsyncClient:
             if name in core.UNARY_METHODS
         }
         self._unary[core.HEALTH_CHECK] = channel.unary_unary(core.HEALTH_METHOD.path)
-        stream = core.METHODS[core.STREAM_METHOD]
+        stream, packed = core.METHODS[core.STREAM_METHOD], core.METHODS[core.PACKED_STREAM_METHOD]
         self._stream = channel.stream_stream(
             stream.path, request_serializer=stream.serialize, response_deserializer=stream.deserialize
+        )
+        self._packed_stream = channel.stream_stream(
+            packed.path, request_serializer=packed.serialize, response_deserializer=packed.deserialize
         )
         self._channel, self._loop = channel, loop
         return channel
@@ -372,31 +377,31 @@ class AsyncClient:
         mode_value = core.mode_value(mode)
         md = core.merge_metadata(self.metadata, metadata)
         sent: collections.deque[Any] = collections.deque()  # (device, segment) per request sent
-        local_error: list[Exception] = []
 
-        async def requests() -> AsyncIterator[Any]:
-            # Like the sync client: a local error (e.g. an unsupported dtype) ends the
-            # request stream; the answers to what was sent are read, then it is raised.
-            try:
-                if isinstance(batches, AsyncIterable):
-                    async for x in batches:
-                        request, segment = await self._stream_request(layer, mode_value, x, metadata)
-                        sent.append((core.torch_device(x), segment))
-                        yield request
-                else:
-                    for x in batches:
-                        request, segment = await self._stream_request(layer, mode_value, x, metadata)
-                        sent.append((core.torch_device(x), segment))
-                        yield request
-            except Exception as e:  # noqa: BLE001 - re-raised below
-                local_error.append(e)
+        async def prepared() -> AsyncIterator[_packing.Item]:
+            async for x in _aiter(batches):
+                request, segment = await self._stream_request(layer, mode_value, x, metadata)
+                yield request, core.torch_device(x), segment
 
+        items = prepared()
+        try:
+            first: Optional[_packing.Item] = await items.__anext__()
+        except StopAsyncIteration:
+            first = None
         self._connect()
-        assert self._stream is not None
-        call = self._stream(requests(), timeout=timeout, metadata=md)
+        assert self._stream is not None and self._packed_stream is not None
+        local_error: list[Exception] = []
+        pump: Optional[_packing.AsyncPump[_packing.Item]] = None
+        if first is None or _packing.packs(first[0]):  # small tensors: see _packing
+            pump = _packing.AsyncPump(_prepend(first, items), _packing.item_bytes, _packing.discarder(self._segments))
+            call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
+        else:
+            messages = self._requests(_prepend(first, items), sent, local_error)
+            call = self._stream(messages, timeout=timeout, metadata=md)
         try:
             async for response in call:
-                yield core.stream_answer(response, sent, self._segments)
+                for answer in response.responses if pump is not None else (response,):
+                    yield core.stream_answer(answer, sent, self._segments)
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             if local_error and err.code == grpc.StatusCode.CANCELLED:
@@ -404,9 +409,36 @@ class AsyncClient:
             raise err from None
         finally:
             call.cancel()
+            if pump is not None:
+                pump.close()
             core.settle_unanswered(self._segments, sent)
         if local_error:
             raise local_error[0]
+
+    @staticmethod
+    async def _requests(
+        items: AsyncIterator[Any], sent: "collections.deque[Any]", local_error: list[Exception]
+    ) -> AsyncIterator[Any]:
+        """NormalizeStream's messages. Like the sync client: a local error (e.g. an
+        unsupported dtype) ends the request stream; the answers to what was sent are read,
+        then it is raised."""
+        try:
+            async for request, device, segment in items:
+                sent.append((device, segment))
+                yield request
+        except Exception as e:  # noqa: BLE001 - re-raised in normalize_stream_results
+            local_error.append(e)
+
+    @staticmethod
+    async def _packs(
+        pump: "_packing.AsyncPump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[Exception]
+    ) -> AsyncIterator[Any]:
+        """NormalizeStreamPacked's messages: what the pump has ready, one pack at a time."""
+        while taken := await pump.take():
+            sent.extend((device, segment) for _, device, segment in taken)
+            yield _packing.pack([request for request, _, _ in taken])
+        if pump.error is not None:
+            local_error.append(pump.error)
 
     async def _stream_request(
         self, layer: str, mode: "pb.Mode", x: Any, metadata: Optional[Metadata]
@@ -415,3 +447,22 @@ class AsyncClient:
         if self._segments is None:
             return core.stream_request(layer, mode, x), None
         return await self._drive(core.shared_stream_request(self._segments, layer, mode, x), None, metadata)
+
+
+async def _aiter(batches: Union[Iterable[Any], AsyncIterable[Any]]) -> AsyncIterator[Any]:
+    if isinstance(batches, AsyncIterable):
+        async for x in batches:
+            yield x
+    else:
+        for x in batches:
+            yield x
+
+
+async def _prepend(first: Optional[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`first` (when not None), then `rest`."""
+    if first is None:
+        return
+    yield first
+    async for item in rest:
+        yield item
+

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from typing import TYPE_CHECKING, Any, Generator, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 
 from . import _core as core
-from . import _shm
+from . import _packing, _shm
 from ._proto import normserve_pb2 as pb
 from ._core import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, CompressionArg, CredentialsArg, Metadata
 from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy
@@ -110,9 +111,12 @@ class Client:
             if name in core.UNARY_METHODS
         }
         self._unary[core.HEALTH_CHECK] = channel.unary_unary(core.HEALTH_METHOD.path)
-        stream = core.METHODS[core.STREAM_METHOD]
+        stream, packed = core.METHODS[core.STREAM_METHOD], core.METHODS[core.PACKED_STREAM_METHOD]
         self._stream: grpc.StreamStreamMultiCallable[Any, Any] = channel.stream_stream(
             stream.path, request_serializer=stream.serialize, response_deserializer=stream.deserialize
+        )
+        self._packed_stream: grpc.StreamStreamMultiCallable[Any, Any] = channel.stream_stream(
+            packed.path, request_serializer=packed.serialize, response_deserializer=packed.deserialize
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -371,25 +375,27 @@ class Client:
         mode_value = core.mode_value(mode)
         md = core.merge_metadata(self.metadata, metadata)
         sent: collections.deque[Any] = collections.deque()  # (device, segment) per request sent
+
+        def prepared() -> Iterator[_packing.Item]:
+            for x in batches:
+                request, segment = self._stream_request(layer, mode_value, x, metadata)
+                yield request, core.torch_device(x), segment
+
+        items = prepared()
+        first = next(items, None)
         local_error: list[BaseException] = []
-
-        def requests() -> Iterator[Any]:
-            # gRPC consumes this on its own thread; an exception here would surface only as
-            # a CANCELLED call, so keep it and raise it in the caller's thread instead.
-            try:
-                for x in batches:
-                    request, segment = self._stream_request(layer, mode_value, x, metadata)
-                    sent.append((core.torch_device(x), segment))
-                    yield request
-            except GeneratorExit:  # gRPC closing the iterator: the call is over
-                raise
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                local_error.append(e)
-
-        call = self._stream(requests(), timeout=timeout, metadata=md)
+        pump: Optional[_packing.Pump[_packing.Item]] = None
+        if first is None or _packing.packs(first[0]):  # small tensors: see _packing
+            source = itertools.chain([] if first is None else [first], items)
+            pump = _packing.Pump(source, _packing.item_bytes, _packing.discarder(self._segments))
+            call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
+        else:
+            messages = self._requests(itertools.chain([first], items), sent, local_error)
+            call = self._stream(messages, timeout=timeout, metadata=md)
         try:
             for response in call:
-                yield core.stream_answer(response, sent, self._segments)
+                for answer in response.responses if pump is not None else (response,):
+                    yield core.stream_answer(answer, sent, self._segments)
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             if local_error and err.code == grpc.StatusCode.CANCELLED:
@@ -397,9 +403,33 @@ class Client:
             raise err from None
         finally:
             call.cancel()
+            if pump is not None:
+                pump.close()
             core.settle_unanswered(self._segments, sent)
         if local_error:
             raise local_error[0]
+
+    @staticmethod
+    def _requests(items: Iterator[Any], sent: "collections.deque[Any]", local_error: list[BaseException]) -> Iterator[Any]:
+        """NormalizeStream's messages. gRPC consumes this on its own thread; an exception
+        here would surface only as a CANCELLED call, so it is kept for the caller's thread."""
+        try:
+            for request, device, segment in items:
+                sent.append((device, segment))
+                yield request
+        except GeneratorExit:  # gRPC closing the iterator: the call is over
+            raise
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            local_error.append(e)
+
+    @staticmethod
+    def _packs(pump: "_packing.Pump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]) -> Iterator[Any]:
+        """NormalizeStreamPacked's messages: what the pump has ready, one pack at a time."""
+        while taken := pump.take():
+            sent.extend((device, segment) for _, device, segment in taken)
+            yield _packing.pack([request for request, _, _ in taken])
+        if pump.error is not None:
+            local_error.append(pump.error)
 
     def _stream_request(
         self, layer: str, mode: "pb.Mode", x: Any, metadata: Optional[Metadata]

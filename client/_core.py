@@ -80,7 +80,8 @@ def _service_methods() -> dict[str, Method]:
 
 METHODS: dict[str, Method] = _service_methods()
 STREAM_METHOD = "NormalizeStream"
-UNARY_METHODS = tuple(name for name in METHODS if name != STREAM_METHOD)
+PACKED_STREAM_METHOD = "NormalizeStreamPacked"
+UNARY_METHODS = tuple(name for name in METHODS if name not in (STREAM_METHOD, PACKED_STREAM_METHOD))
 # grpc.health.v1.Health/Check with hand-encoded messages (see health_request below).
 HEALTH_CHECK = "HealthCheck"
 HEALTH_METHOD = Method("/grpc.health.v1.Health/Check", None, None)

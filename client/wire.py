@@ -84,6 +84,18 @@ def frame(message: Any, path: Sequence[int], data: Buffer) -> Any:
     return framed
 
 
+def plain(message: Any) -> Any:
+    """`message` as a plain protobuf message: a Framed one's bytes set in their field (a copy)."""
+    if not isinstance(message, Framed):
+        return message
+    target, descriptor = message.message, message.message.DESCRIPTOR
+    for number in message.path[:-1]:
+        field = descriptor.fields_by_number[number]
+        target, descriptor = getattr(target, field.name), field.message_type
+    setattr(target, descriptor.fields_by_number[message.path[-1]].name, bytes(message.payload))
+    return message.message
+
+
 def payload(message: Any) -> Optional[Buffer]:
     """The tensor bytes that travel beside `message`, or None for a plain message."""
     return message.payload if isinstance(message, Framed) else None

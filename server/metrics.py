@@ -121,8 +121,10 @@ class Metrics:
         ))
         self.in_flight = fast.add(Gauge("normserve_in_flight_requests", "Requests being handled", ["method"]))
         self.tensor_bytes = fast.add(Counter("normserve_tensor_bytes", "Tensor payload bytes", ["direction"]))
-        self.stream_messages = fast.add(Counter("normserve_stream_messages", "Stream messages", ["direction"]))
-        self.open_streams = fast.add(Gauge("normserve_open_streams", "Open NormalizeStream calls"))
+        self.stream_messages = fast.add(Counter(
+            "normserve_stream_messages", "Stream requests received and answers sent (a pack counts its requests)", ["direction"]
+        ))
+        self.open_streams = fast.add(Gauge("normserve_open_streams", "Open NormalizeStream and NormalizeStreamPacked calls"))
         self.queue_duration = fast.add(Histogram(
             "normserve_queue_duration_seconds",
             "Time a request waited before its computation (train: for the layer's write lock)",

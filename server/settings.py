@@ -76,7 +76,7 @@ class Settings:
         "max_tensor_rank": "most dims of an input tensor (1-8)",
         "max_layers": "most layers the server keeps",
         "max_workers": "gRPC worker threads (each open stream holds one)",
-        "max_streams": "open NormalizeStream calls at once, more get RESOURCE_EXHAUSTED (0: half of "
+        "max_streams": "open NormalizeStream(Packed) calls at once, more get RESOURCE_EXHAUSTED (0: half of "
         "max_workers); below max_workers so unary calls always find a thread",
         "max_layer_state_bytes": "largest state one layer may have (capped at half of max_message_bytes "
         "so GetState/LoadState fit in a message)",

@@ -337,6 +337,18 @@ class NormalizeStreamResponse(_message.Message):
     error: Error
     def __init__(self, sequence: _Optional[int] = ..., response: _Optional[_Union[NormalizeResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
+class NormalizePack(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[NormalizeRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[NormalizeRequest, _Mapping]]] = ...) -> None: ...
+
+class NormalizeStreamPack(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[NormalizeStreamResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[NormalizeStreamResponse, _Mapping]]] = ...) -> None: ...
+
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("name", "key", "byte_size", "lease_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]

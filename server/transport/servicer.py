@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -27,6 +28,10 @@ from .auth import Action, Authorizer, Principal, Unauthenticated
 from .errors import status_for
 
 log = logging.getLogger("normserve.requests")
+
+# NormalizeStreamPacked: more requests in one pack than this fail the stream (a pack's
+# requests are answered together, so one huge pack would hold a worker for its whole run).
+MAX_PACK_REQUESTS = 1024
 
 _MODES = {pb.MODE_UNSPECIFIED: "eval", pb.MODE_EVAL: "eval", pb.MODE_TRAIN: "train"}
 
@@ -145,6 +150,31 @@ def add_to_server(servicer: "NormServicer", server: grpc.Server) -> None:
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class _Stream:
+    """An open stream's caller, counters and idle watch, looked up once per stream."""
+
+    __slots__ = ("method", "context", "principal", "watch", "received", "in_flight", "received_total", "_sent", "_idle")
+
+    def __init__(
+        self, method: str, context: grpc.ServicerContext, principal: Optional[Principal], metrics: Metrics, idle: "_IdleStreams"
+    ):
+        self.method, self.context, self.principal = method, context, principal
+        self.received = 0  # requests so far: the next one's sequence
+        self.in_flight = metrics.in_flight.labels(method)
+        self.received_total = metrics.stream_messages.labels("received")
+        self._sent = metrics.stream_messages.labels("sent")
+        self._idle = idle
+        self.watch = idle.open(context)
+
+    def touch(self) -> None:
+        self._idle.touch(self.watch)
+
+    def sent(self, requests: int) -> None:
+        """Answers to `requests` requests went out."""
+        self._idle.touch(self.watch)
+        self._sent.inc(requests)
 
 
 class _IdleStreams:
@@ -374,9 +404,40 @@ class NormServicer(pb_grpc.NormServiceServicer):
     ) -> Iterator[Union[pb.NormalizeStreamResponse, wire.Framed]]:
         """One response per request, in order; a bad message gets an Error and the stream
         goes on."""
+        with self._stream("NormalizeStream", context) as stream:
+            for request in request_iterator:
+                message, output = self._stream_answer(stream, request)
+                yield wire.frame(message, wire.STREAM_RESPONSE_DATA, output)
+                stream.sent(1)
+
+    def NormalizeStreamPacked(
+        self, request_iterator: Iterator[pb.NormalizePack], context: grpc.ServicerContext
+    ) -> Iterator[pb.NormalizeStreamPack]:
+        """NormalizeStream with several requests per message: one pack of answers per pack."""
+        with self._stream("NormalizeStreamPacked", context) as stream:
+            for pack in request_iterator:
+                stream.touch()  # a pack may be empty
+                if isinstance(pack, Undecodable) or len(pack.requests) > MAX_PACK_REQUESTS:
+                    problem = str(pack.error()) if isinstance(pack, Undecodable) else (
+                        f"a NormalizePack holds at most {MAX_PACK_REQUESTS} requests, got {len(pack.requests)}"
+                    )
+                    self._metrics.observe_request("NormalizeStreamPacked", "invalid", "INVALID_ARGUMENT", 0.0)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                answers = pb.NormalizeStreamPack()
+                for request in pack.requests:
+                    message, output = self._stream_answer(stream, request)
+                    if output:
+                        message.response.output.data = bytes(output)
+                    answers.responses.append(message)
+                yield answers
+                stream.sent(len(pack.requests))
+
+    @contextlib.contextmanager
+    def _stream(self, method: str, context: grpc.ServicerContext) -> Iterator["_Stream"]:
+        """A stream's slot (see max_streams), caller, idle watch and gauges, held while it is open."""
         metrics = self._metrics
         if not self._stream_slots.acquire(blocking=False):
-            metrics.observe_request("NormalizeStream", "none", "RESOURCE_EXHAUSTED", 0.0)
+            metrics.observe_request(method, "none", "RESOURCE_EXHAUSTED", 0.0)
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many open streams: the limit is max_streams={self._max_streams}; retry later or use unary calls",
@@ -385,42 +446,43 @@ class NormServicer(pb_grpc.NormServiceServicer):
             principal = self._auth.authenticate(context.invocation_metadata())
         except Unauthenticated as e:
             self._stream_slots.release()
-            metrics.observe_request("NormalizeStream", "none", "UNAUTHENTICATED", 0.0)
+            metrics.observe_request(method, "none", "UNAUTHENTICATED", 0.0)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
-        in_flight = metrics.in_flight.labels("NormalizeStream")
-        received, sent = metrics.stream_messages.labels("received"), metrics.stream_messages.labels("sent")
         metrics.open_streams.inc()
-        watch = self._idle_streams.open(context)
+        stream = _Stream(method, context, principal, metrics, self._idle_streams)
         try:
-            for sequence, request in enumerate(request_iterator):
-                self._idle_streams.touch(watch)
-                received.inc()
-                undecodable = isinstance(request, Undecodable)
-                mode = "invalid" if undecodable else _MODES.get(request.mode, "invalid")
-                in_flight.inc()
-                start = perf_counter()
-                try:
-                    if undecodable:
-                        raise request.error()
-                    message = pb.NormalizeStreamResponse(sequence=sequence)
-                    output = self._normalize(request, principal, context.is_active, message.response, context.peer)
-                    response = wire.frame(message, wire.STREAM_RESPONSE_DATA, output)
-                    code = "OK"
-                except Exception as exc:
-                    status, message = status_for(exc, "NormalizeStream")
-                    error = pb.Error(code=status.value[0], message=message)
-                    response = pb.NormalizeStreamResponse(sequence=sequence, error=error)
-                    code = status.name
-                finally:
-                    in_flight.dec()
-                seconds = perf_counter() - start
-                request_id, layer = ("", "") if undecodable else (request.request_id, request.layer)
-                metrics.observe_request("NormalizeStream", mode, code, seconds, request_id)
-                _log_request("NormalizeStream", mode, code, seconds, request_id, layer)
-                yield response
-                self._idle_streams.touch(watch)
-                sent.inc()
+            yield stream
         finally:
-            self._idle_streams.close(watch)
+            self._idle_streams.close(stream.watch)
             metrics.open_streams.dec()
             self._stream_slots.release()
+
+    def _stream_answer(self, stream: "_Stream", request: Any) -> tuple[pb.NormalizeStreamResponse, wire.Buffer]:
+        """The answer to one stream request (numbered by its place in the stream), measured
+        and logged, and its output's bytes (see _normalize); an error becomes the answer."""
+        stream.touch()
+        sequence = stream.received
+        stream.received += 1
+        stream.received_total.inc()
+        undecodable = isinstance(request, Undecodable)
+        mode = "invalid" if undecodable else _MODES.get(request.mode, "invalid")
+        output: wire.Buffer = b""
+        stream.in_flight.inc()
+        start = perf_counter()
+        try:
+            if undecodable:
+                raise request.error()
+            message = pb.NormalizeStreamResponse(sequence=sequence)
+            output = self._normalize(request, stream.principal, stream.context.is_active, message.response, stream.context.peer)
+            code = "OK"
+        except Exception as exc:
+            status, text = status_for(exc, stream.method)
+            message = pb.NormalizeStreamResponse(sequence=sequence, error=pb.Error(code=status.value[0], message=text))
+            code = status.name
+        finally:
+            stream.in_flight.dec()
+        seconds = perf_counter() - start
+        request_id, layer = ("", "") if undecodable else (request.request_id, request.layer)
+        self._metrics.observe_request(stream.method, mode, code, seconds, request_id)
+        _log_request(stream.method, mode, code, seconds, request_id, layer)
+        return message, output

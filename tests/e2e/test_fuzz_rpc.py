@@ -3,7 +3,8 @@
 
 Requests go out as raw bytes (`request_serializer=None`): random bytes, well-framed random
 fields, and serialized valid requests mutated at the byte level, to every unary RPC and,
-as streams of one to four messages, to NormalizeStream. Properties:
+as streams of one to four messages, to NormalizeStream (and as packs of them to
+NormalizeStreamPacked). Properties:
 
 - Every call ends with a status the method can legitimately return for bad input (never
   INTERNAL, never UNKNOWN, never a hang: each call has a deadline and DEADLINE_EXCEEDED
@@ -52,7 +53,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from normserve.client import Client, codec
+from normserve.client import Client, codec, wire
 from normserve.client import errors as E
 from normserve.client._proto import normserve_pb2 as pb
 from serverproc import ServerProcess
@@ -97,7 +98,7 @@ UNARY = {
     "UnregisterSharedMemory": (pb.UnregisterSharedMemoryRequest, pb.UnregisterSharedMemoryResponse),
     "ListSharedMemory": (pb.ListSharedMemoryRequest, pb.ListSharedMemoryResponse),
 }
-assert set(UNARY) | {"NormalizeStream"} == set(pb.DESCRIPTOR.services_by_name["NormService"].methods_by_name)
+assert set(UNARY) | {"NormalizeStream", "NormalizeStreamPacked"} == set(pb.DESCRIPTOR.services_by_name["NormService"].methods_by_name)
 
 # What each method may answer to any input (DESIGN.md section 5 and the proto).
 ALLOWED: dict[str, set[grpc.StatusCode]] = {
@@ -185,6 +186,9 @@ class Fuzzer:
         self.channel = grpc.insecure_channel(server.target)
         self.unary = {m: self.channel.unary_unary(f"/{SERVICE}/{m}", request_serializer=None, response_deserializer=None) for m in UNARY}
         self.stream = self.channel.stream_stream(f"/{SERVICE}/NormalizeStream", request_serializer=None, response_deserializer=None)
+        self.packed = self.channel.stream_stream(
+            f"/{SERVICE}/NormalizeStreamPacked", request_serializer=None, response_deserializer=None
+        )
         self.codes: collections.Counter[str] = collections.Counter()
         self.since_check = 0
         self.guards: Optional[Guards] = None
@@ -537,17 +541,23 @@ def streams(draw) -> list[bytes]:
         request_bytes("Normalize"),
         st.binary(max_size=32),
     ), min_size=1, max_size=4))
-    parsed = []
-    for raw in msgs:
-        try:
-            parsed.append(pb.NormalizeRequest.FromString(raw))
-        except DecodeError:
-            parsed.append(None)
+    parsed = parse_requests(msgs)
     if None in parsed:
         # The stream may die at the bad message, losing answers to messages already
         # applied: keep trains on guards out of such streams.
         msgs = [m for m, p in zip(msgs, parsed) if p is None or not (p.layer in GUARDS and p.mode == pb.MODE_TRAIN)]
     return msgs
+
+
+def parse_requests(msgs: list[bytes]) -> list[Optional[pb.NormalizeRequest]]:
+    """Each stream message parsed, or None where it doesn't parse."""
+    parsed: list[Optional[pb.NormalizeRequest]] = []
+    for raw in msgs:
+        try:
+            parsed.append(pb.NormalizeRequest.FromString(raw))
+        except DecodeError:
+            parsed.append(None)
+    return parsed
 
 
 def test_fuzzed_streams(fz):
@@ -556,12 +566,7 @@ def test_fuzzed_streams(fz):
     @fuzz(400)
     @given(streams())
     def run(msgs):
-        parsed = []
-        for raw in msgs:
-            try:
-                parsed.append(pb.NormalizeRequest.FromString(raw))
-            except DecodeError:
-                parsed.append(None)
+        parsed = parse_requests(msgs)
         fz.guards.note(f"NormalizeStream {msgs!r}"[:600])
         answers = []
         try:
@@ -571,29 +576,7 @@ def test_fuzzed_streams(fz):
         except grpc.RpcError as e:
             code, details = e.code(), e.details() or ""
         counts[code.name] += 1
-        # Answers that came are in order and well-formed; OK train answers on guards are
-        # booked once per guard, after the stream (its trains may follow each other).
-        bumps: dict[str, list] = {}
-        for i, answer in enumerate(answers):
-            assert answer.sequence == i
-            req = parsed[i]
-            if answer.WhichOneof("result") == "error":
-                counts[f"error:{answer.error.code}"] += 1
-                assert answer.error.code in STREAM_MESSAGE_ERRORS, answer
-                assert req is not None or answer.error.code == S.INVALID_ARGUMENT.value[0], answer
-                assert answer.error.message
-            else:
-                assert req is not None, "an undecodable message was answered with a result"
-                check_response("NormalizeStream", req, answer.response)
-                if req.layer in GUARDS and req.mode == pb.MODE_TRAIN:
-                    bump = 0 if (answer.response.replayed or not GUARDS[req.layer][2]) else 1
-                    entry = bumps.setdefault(req.layer, [0, None])
-                    entry[0] += bump
-                    if bump:
-                        assert entry[1] is None or answer.response.state.version == entry[1] + 1, "stream trains out of order"
-                        entry[1] = answer.response.state.version
-        for name, (bump, version) in bumps.items():
-            fz.guards.accepted(name, bump, version)
+        check_stream_answers(fz, answers, parsed, counts)
         assert code == S.OK, f"stream failed with {code.name}: {details}"
         assert len(answers) == len(msgs), "every message gets exactly one answer"
         fz.tick()
@@ -603,6 +586,72 @@ def test_fuzzed_streams(fz):
     print("\nstream fuzz:", dict(counts))
     if (FUZZ_EXAMPLES or 400) >= 400:
         assert counts["OK"] > 0 and sum(n for k, n in counts.items() if k.startswith("error:")) > 0, counts
+
+
+def check_stream_answers(fz: Fuzzer, answers: list, parsed: list, counts: collections.Counter) -> None:
+    """Answers that came are in order and well-formed; OK train answers on guards are
+    booked once per guard, after the stream (its trains may follow each other)."""
+    bumps: dict[str, list] = {}
+    for i, answer in enumerate(answers):
+        assert answer.sequence == i
+        req = parsed[i]
+        if answer.WhichOneof("result") == "error":
+            counts[f"error:{answer.error.code}"] += 1
+            assert answer.error.code in STREAM_MESSAGE_ERRORS, answer
+            assert req is not None or answer.error.code == S.INVALID_ARGUMENT.value[0], answer
+            assert answer.error.message
+        else:
+            assert req is not None, "an undecodable message was answered with a result"
+            check_response("NormalizeStream", req, answer.response)
+            if req.layer in GUARDS and req.mode == pb.MODE_TRAIN:
+                bump = 0 if (answer.response.replayed or not GUARDS[req.layer][2]) else 1
+                entry = bumps.setdefault(req.layer, [0, None])
+                entry[0] += bump
+                if bump:
+                    assert entry[1] is None or answer.response.state.version == entry[1] + 1, "stream trains out of order"
+                    entry[1] = answer.response.state.version
+    for name, (bump, version) in bumps.items():
+        fz.guards.accepted(name, bump, version)
+
+
+def _pack(msgs: list[bytes]) -> bytes:
+    """A NormalizePack of serialized requests (field 1, length-delimited), as raw bytes."""
+    return b"".join(b"\x0a" + wire._varint(len(m)) + m for m in msgs)
+
+
+def test_fuzzed_packed_streams(fz):
+    """The same streams as packs (all of a stream's messages in one, after an empty one):
+    one answer per request in order; a pack holding an undecodable request fails the
+    stream with INVALID_ARGUMENT and none of its requests run."""
+    counts = collections.Counter()
+
+    @fuzz(150)
+    @given(streams())
+    def run(msgs):
+        parsed = parse_requests(msgs)
+        fz.guards.note(f"NormalizeStreamPacked {msgs!r}"[:600])
+        answers = []
+        try:
+            for raw in fz.packed(iter([b"", _pack(msgs)]), timeout=RPC_TIMEOUT):
+                answers.extend(pb.NormalizeStreamPack.FromString(raw).responses)
+            code, details = S.OK, ""
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details() or ""
+        counts[code.name] += 1
+        check_stream_answers(fz, answers, parsed, counts)
+        if None in parsed:
+            assert code == S.INVALID_ARGUMENT and not answers, (code, details, answers)
+            assert "NormalizePack" in details
+        else:
+            assert code == S.OK, f"stream failed with {code.name}: {details}"
+            assert len(answers) == len(msgs), "every request gets exactly one answer"
+        fz.tick()
+
+    run()
+    fz.guards.check()
+    print("\npacked stream fuzz:", dict(counts))
+    if (FUZZ_EXAMPLES or 150) >= 150:
+        assert counts["OK"] > 0 and counts["INVALID_ARGUMENT"] > 0, counts
 
 
 # -- bytes that don't parse --------------------------------------------------------------

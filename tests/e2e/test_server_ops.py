@@ -44,7 +44,7 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 NORM_METHODS = {
     "CreateLayer", "GetLayer", "ListLayers", "DeleteLayer", "ResetRunningStats",
-    "GetState", "LoadState", "Normalize", "NormalizeStream",
+    "GetState", "LoadState", "Normalize", "NormalizeStream", "NormalizeStreamPacked",
     "RegisterSharedMemory", "UnregisterSharedMemory", "ListSharedMemory",
 }
 RPC_TIMEOUT = 30
@@ -176,11 +176,11 @@ def test_reflection_resolves_norm_service(server):
         assert methods["Normalize"].input_type.full_name == "normserve.v1.NormalizeRequest"
         assert methods["Normalize"].output_type.full_name == "normserve.v1.NormalizeResponse"
         streaming = {}
-        for method_name in ("Normalize", "NormalizeStream"):
+        for method_name in ("Normalize", "NormalizeStream", "NormalizeStreamPacked"):
             proto = descriptor_pb2.MethodDescriptorProto()
             methods[method_name].CopyToProto(proto)
             streaming[method_name] = (proto.client_streaming, proto.server_streaming)
-        assert streaming == {"Normalize": (False, False), "NormalizeStream": (True, True)}
+        assert streaming == {"Normalize": (False, False), "NormalizeStream": (True, True), "NormalizeStreamPacked": (True, True)}
         tensor = pool.FindMessageTypeByName("normserve.v1.Tensor")
         assert {"dtype", "shape", "data"} <= set(tensor.fields_by_name)
 
@@ -218,12 +218,12 @@ def test_metrics_exposition_after_traffic(server, client, name):
         dict(method="Normalize", mode="eval", code="OK"),
         dict(method="Normalize", mode="train", code="NOT_FOUND"),
         dict(method="Normalize", mode="train", code="INVALID_ARGUMENT"),
-        dict(method="NormalizeStream", mode="train", code="OK"),
+        dict(method="NormalizeStreamPacked", mode="train", code="OK"),  # the SDK packs small batches
     ):
         assert m.has("normserve_request_duration_seconds_bucket", **labels), labels
         assert m.total("normserve_request_duration_seconds_count", **labels) >= 1, labels
         assert m.total("normserve_requests_total", **labels) >= 1, labels
-    assert m.total("normserve_requests_total", method="NormalizeStream", mode="train", code="OK") >= 2
+    assert m.total("normserve_requests_total", method="NormalizeStreamPacked", mode="train", code="OK") >= 2
     assert m.has("normserve_compute_duration_seconds_bucket", kind="BatchNorm2d", mode="train")
     assert m.total("normserve_compute_duration_seconds_count", kind="BatchNorm2d", mode="eval") >= 1
     assert m.has("normserve_in_flight_requests", method="Normalize")
@@ -287,9 +287,9 @@ def test_metrics_exact_counts(metrics_server, metrics_client):
     ok = dict(code="OK")
     assert delta(before, after, "normserve_requests_total", method="Normalize", mode="train", **ok) == 3
     assert delta(before, after, "normserve_requests_total", method="Normalize", mode="eval", **ok) == 1
-    assert delta(before, after, "normserve_requests_total", method="NormalizeStream", mode="train", **ok) == 5
+    assert delta(before, after, "normserve_requests_total", method="NormalizeStreamPacked", mode="train", **ok) == 5
     assert delta(before, after, "normserve_requests_total", method="CreateLayer", **ok) == 2
-    for method, mode, n in (("Normalize", "train", 3), ("Normalize", "eval", 1), ("NormalizeStream", "train", 5)):
+    for method, mode, n in (("Normalize", "train", 3), ("Normalize", "eval", 1), ("NormalizeStreamPacked", "train", 5)):
         labels = dict(method=method, mode=mode, code="OK")
         assert delta(before, after, "normserve_request_duration_seconds_count", **labels) == n
         assert delta(before, after, "normserve_request_duration_seconds_bucket", le="+Inf", **labels) == n
@@ -311,7 +311,7 @@ def test_metrics_exact_counts(metrics_server, metrics_client):
     tracked = c.get_layer(bn).state.num_batches_tracked
     assert tracked == 7
     assert after.total("normserve_layer_batches_tracked", layer=bn) == tracked
-    for method in ("Normalize", "NormalizeStream", "CreateLayer"):
+    for method in ("Normalize", "NormalizeStreamPacked", "CreateLayer"):
         assert after.has("normserve_in_flight_requests", method=method)
         assert after.total("normserve_in_flight_requests", method=method) == 0
 
@@ -371,7 +371,7 @@ def test_stream_counted_per_message(metrics_server, metrics_client, n):
     outs = list(c.normalize_stream(layer, [batch(seed=i) for i in range(n)], "eval"))
     assert len(outs) == n
     after = Scrape(url)
-    labels = dict(method="NormalizeStream", mode="eval", code="OK")
+    labels = dict(method="NormalizeStreamPacked", mode="eval", code="OK")  # the SDK packs small batches
     assert delta(before, after, "normserve_requests_total", **labels) == n
     assert delta(before, after, "normserve_request_duration_seconds_count", **labels) == n
     assert delta(before, after, "normserve_stream_messages_total", direction="received") == n

@@ -1,5 +1,6 @@
-"""NormalizeStream over a real server: order, parity with local torch and with unary
-calls, per-message errors, cancellation, concurrency, empty streams, stream deadlines.
+"""NormalizeStream (and NormalizeStreamPacked) over a real server: order, parity with local
+torch and with unary calls, per-message errors, cancellation, concurrency, empty streams,
+stream deadlines.
 
 Expectations are computed with local torch modules fed the same batches.
 """
@@ -79,8 +80,30 @@ def stub(server):
     channel.close()
 
 
+@pytest.fixture(params=["NormalizeStream", "NormalizeStreamPacked"])
+def exchange(request, stub):
+    """Requests in, one NormalizeStreamResponse per request out, through one stream of
+    either RPC. Packed: the requests go in packs of 1 to 5 (and an empty one), and every
+    pack must be answered by a pack of as many responses."""
+    if request.param == "NormalizeStream":
+        return lambda requests: list(stub.NormalizeStream(iter(requests), timeout=RPC_TIMEOUT))
+
+    def packed(requests):
+        g = np.random.default_rng(len(requests))
+        packs, i = [pb.NormalizePack()], 0
+        while i < len(requests):
+            n = int(g.integers(1, 6))
+            packs.append(pb.NormalizePack(requests=requests[i:i + n]))
+            i += n
+        answers = list(stub.NormalizeStreamPacked(iter(packs), timeout=RPC_TIMEOUT))
+        assert [len(a.responses) for a in answers] == [len(p.requests) for p in packs]
+        return [r for a in answers for r in a.responses]
+
+    return packed
+
+
 # -- order and parity --------------------------------------------------------------------
-def test_one_response_per_request_in_order_matching_torch(client, stub, name):
+def test_one_response_per_request_in_order_matching_torch(client, exchange, name):
     """40 batches of varying shapes and modes through one raw stream: every response has
     the request's position, its request_id, the output and state version torch gives."""
     client.create_layer(name, "BatchNorm1d", num_features=4, momentum=0.3)
@@ -95,7 +118,7 @@ def test_one_response_per_request_in_order_matching_torch(client, stub, name):
     assert pb.MODE_EVAL in modes and pb.MODE_TRAIN in modes
 
     requests = [request(name, x, m, request_id=f"req-{i}") for i, (x, m) in enumerate(zip(batches, modes))]
-    responses = list(stub.NormalizeStream(iter(requests), timeout=RPC_TIMEOUT))
+    responses = exchange(requests)
 
     assert [r.sequence for r in responses] == list(range(len(batches)))
     trained = 0
@@ -170,7 +193,7 @@ def test_stream_train_equals_unary_train(client, name):
 
 
 # -- errors within a stream --------------------------------------------------------------
-def test_bad_messages_get_an_error_each_and_the_stream_goes_on(client, stub, name):
+def test_bad_messages_get_an_error_each_and_the_stream_goes_on(client, exchange, name):
     client.create_layer(name, "BatchNorm2d", num_features=3)
     local = torch.nn.BatchNorm2d(3)
     g = np.random.default_rng(102)
@@ -195,7 +218,7 @@ def test_bad_messages_get_an_error_each_and_the_stream_goes_on(client, stub, nam
                              input=pb.Tensor(dtype=42, shape=t.shape, data=t.data)), IA),  # unknown dtype
         (request(name, good[3], request_id="g3"), None),
     ]
-    responses = list(stub.NormalizeStream(iter([p[0] for p in plan]), timeout=RPC_TIMEOUT))
+    responses = exchange([p[0] for p in plan])
     assert [r.sequence for r in responses] == list(range(len(plan)))
 
     trained = 0

@@ -627,8 +627,9 @@ REQUEST_TYPES = {
     "UnregisterSharedMemory": pb.UnregisterSharedMemoryRequest,
     "ListSharedMemory": pb.ListSharedMemoryRequest,
 }
-# Request types and the service agree (a new RPC needs a branch in serve_locally).
-assert set(REQUEST_TYPES) | {"NormalizeStream"} == set(pb.DESCRIPTOR.services_by_name["NormService"].methods_by_name)
+# Request types and the service agree (a new RPC needs a branch in serve_locally). The
+# streams' requests are NormalizeRequests (in packs for NormalizeStreamPacked), as Normalize's.
+assert set(REQUEST_TYPES) | {"NormalizeStream", "NormalizeStreamPacked"} == set(pb.DESCRIPTOR.services_by_name["NormService"].methods_by_name)
 
 _MODES = {pb.MODE_UNSPECIFIED: "eval", pb.MODE_EVAL: "eval", pb.MODE_TRAIN: "train"}
 

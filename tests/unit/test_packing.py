@@ -1,0 +1,126 @@
+"""The SDK's stream packing: what goes in a pack, the bounded read-ahead, discarding."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from normserve.client import _core as core
+from normserve.client import _packing, codec, wire
+from normserve.client._packing import PACK_MAX_BYTES, PACK_MAX_REQUESTS, READ_AHEAD
+from normserve.client._proto import normserve_pb2 as pb
+
+
+def wait_for(condition, limit=10.0):
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_take_fills_a_pack_up_to_its_request_and_byte_limits():
+    ready = collections.deque(range(200))
+    assert _packing.take(ready, lambda _: 1) == list(range(PACK_MAX_REQUESTS))
+    sizes = collections.deque([PACK_MAX_BYTES // 3] * 5)
+    assert len(_packing.take(sizes, lambda n: n)) == 3 and len(sizes) == 2
+    huge = collections.deque([PACK_MAX_BYTES * 4, 1])
+    assert _packing.take(huge, lambda n: n) == [PACK_MAX_BYTES * 4]  # alone, whatever its size
+
+
+def test_pack_carries_a_framed_requests_bytes_in_the_message():
+    x = np.arange(16_384, dtype=np.float32).reshape(64, 256)
+    framed = core.stream_request("l", pb.MODE_TRAIN, x)
+    assert isinstance(framed, wire.Framed)  # 64 KiB: its bytes travel beside the message
+    expected = pb.NormalizeRequest.FromString(framed.SerializeToString())
+    packed = _packing.pack([framed, pb.NormalizeRequest(layer="m")])
+    assert packed.requests[0] == expected and packed.requests[1].layer == "m"
+    assert np.array_equal(codec.to_numpy(packed.requests[0].input), x)
+    assert not _packing.packs(framed) and _packing.packs(pb.NormalizeRequest())
+
+
+def test_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
+    pulled = itertools.count()
+    discarded = []
+
+    def endless():
+        while True:
+            yield next(pulled)
+
+    pump = _packing.Pump(endless(), lambda _: 1, discarded.append)
+    wait_for(lambda: len(pump._ready) == READ_AHEAD)
+    time.sleep(0.05)
+    assert len(pump._ready) == READ_AHEAD  # it stopped there
+    assert pump.take() == list(range(PACK_MAX_REQUESTS))
+    wait_for(lambda: len(pump._ready) == READ_AHEAD)  # and reads on when there is room
+    pump.close()
+    wait_for(lambda: len(discarded) == READ_AHEAD + 1)
+    assert discarded == list(range(PACK_MAX_REQUESTS, PACK_MAX_REQUESTS + READ_AHEAD + 1))
+
+
+def test_pump_hands_out_everything_then_the_error():
+    def failing():
+        yield from range(3)
+        raise ValueError("bad batch")
+
+    pump = _packing.Pump(failing(), lambda _: 1, lambda _: None)
+    taken = []
+    while batch := pump.take():
+        taken += batch
+    assert taken == [0, 1, 2] and isinstance(pump.error, ValueError)
+
+
+def test_pump_take_waits_for_the_first_item_only():
+    release = threading.Event()
+
+    def slow():
+        yield 1
+        release.wait(10)
+        yield 2
+
+    pump = _packing.Pump(slow(), lambda _: 1, lambda _: None)
+    assert pump.take() == [1]  # does not wait for the second
+    release.set()
+    assert pump.take() == [2] and pump.take() == []
+
+
+def test_async_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
+    async def main():
+        pulled = itertools.count()
+        discarded = []
+
+        async def endless():
+            while True:
+                yield next(pulled)
+                await asyncio.sleep(0)
+
+        pump = _packing.AsyncPump(endless(), lambda _: 1, discarded.append)
+        for _ in range(10 * READ_AHEAD):
+            await asyncio.sleep(0)
+        assert len(pump._ready) == READ_AHEAD
+        assert await pump.take() == list(range(PACK_MAX_REQUESTS))
+        pump.close()
+        await asyncio.sleep(0)
+        assert discarded == list(range(PACK_MAX_REQUESTS, PACK_MAX_REQUESTS + len(discarded)))
+        assert len(discarded) >= READ_AHEAD - PACK_MAX_REQUESTS
+
+        async def failing():
+            yield 1
+            raise ValueError("bad batch")
+
+        pump = _packing.AsyncPump(failing(), lambda _: 1, lambda _: None)
+        assert await pump.take() == [1] and await pump.take() == []
+        assert isinstance(pump.error, ValueError)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_pump_of_a_short_source_ends(n):
+    pump = _packing.Pump(iter(range(n)), lambda _: 1, lambda _: None)
+    assert pump.take() == list(range(n))[:PACK_MAX_REQUESTS] and pump.take() == [] and pump.error is None
