@@ -87,6 +87,7 @@ class AsyncClient:
         self._unary: dict[str, grpc.aio.UnaryUnaryMultiCallable[Any, Any]] = {}
         self._stream: Optional[grpc.aio.StreamStreamMultiCallable[Any, Any]] = None
         self._packed_stream: Optional[grpc.aio.StreamStreamMultiCallable[Any, Any]] = None
+        self._packed: Optional[bool] = None  # whether the server has NormalizeStreamPacked, once known
         self._closed = False
 
     def _connect(self) -> grpc.aio.Channel:
@@ -383,17 +384,18 @@ class AsyncClient:
                 request, segment = await self._stream_request(layer, mode_value, x, metadata)
                 yield request, core.torch_device(x), segment
 
+        self._connect()
+        assert self._stream is not None and self._packed_stream is not None
         items = prepared()
         try:
             first: Optional[_packing.Item] = await items.__anext__()
         except StopAsyncIteration:
             first = None
-        self._connect()
-        assert self._stream is not None and self._packed_stream is not None
-        local_error: list[Exception] = []
+        local_error: list[BaseException] = []
         pump: Optional[_packing.AsyncPump[_packing.Item]] = None
-        if first is None or _packing.packs(first[0]):  # small tensors: see _packing
-            pump = _packing.AsyncPump(_prepend(first, items), _packing.item_bytes, _packing.discarder(self._segments))
+        if (first is None or _packing.packs(first[0])) and await self._packs_supported(md):  # see _packing
+            weight, discard = _packing.item_weight, _packing.discarder(self._segments)
+            pump = _packing.AsyncPump(_prepend(first, items), _packing.item_bytes, weight, discard)
             call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
         else:
             messages = self._requests(_prepend(first, items), sent, local_error)
@@ -417,7 +419,7 @@ class AsyncClient:
 
     @staticmethod
     async def _requests(
-        items: AsyncIterator[Any], sent: "collections.deque[Any]", local_error: list[Exception]
+        items: AsyncIterator[Any], sent: "collections.deque[Any]", local_error: list[BaseException]
     ) -> AsyncIterator[Any]:
         """NormalizeStream's messages. Like the sync client: a local error (e.g. an
         unsupported dtype) ends the request stream; the answers to what was sent are read,
@@ -431,7 +433,7 @@ class AsyncClient:
 
     @staticmethod
     async def _packs(
-        pump: "_packing.AsyncPump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[Exception]
+        pump: "_packing.AsyncPump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]
     ) -> AsyncIterator[Any]:
         """NormalizeStreamPacked's messages: what the pump has ready, one pack at a time."""
         while taken := await pump.take():
@@ -439,6 +441,20 @@ class AsyncClient:
             yield _packing.pack([request for request, _, _ in taken])
         if pump.error is not None:
             local_error.append(pump.error)
+
+    async def _packs_supported(self, metadata: tuple[tuple[str, str], ...]) -> bool:
+        """Whether the server has NormalizeStreamPacked (as Client._packs_supported)."""
+        if self._packed is None:
+            assert self._packed_stream is not None
+            try:
+                async for _ in self._packed_stream(_no_messages(), timeout=_PROBE_TIMEOUT, metadata=metadata):
+                    pass
+                self._packed = True
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return True  # not an answer to the question: the stream itself will meet it
+                self._packed = False
+        return self._packed
 
     async def _stream_request(
         self, layer: str, mode: "pb.Mode", x: Any, metadata: Optional[Metadata]
@@ -465,4 +481,9 @@ async def _prepend(first: Optional[T], rest: AsyncIterator[T]) -> AsyncIterator[
     yield first
     async for item in rest:
         yield item
+
+
+async def _no_messages() -> AsyncIterator[Any]:
+    return
+    yield
 

@@ -118,6 +118,7 @@ class Client:
         self._packed_stream: grpc.StreamStreamMultiCallable[Any, Any] = channel.stream_stream(
             packed.path, request_serializer=packed.serialize, response_deserializer=packed.deserialize
         )
+        self._packed: Optional[bool] = None  # whether the server has NormalizeStreamPacked, once known
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
@@ -351,7 +352,9 @@ class Client:
         Requests are sent as fast as `batches` yields them (several in flight). A batch the
         server rejects raises its error (with `.sequence`, its 0-based position) and ends
         the iteration. Batches before it were applied; batches after it that were already
-        in flight may have been applied too (in order) before the stream was cancelled.
+        in flight may have been applied too (in order) before the stream was cancelled, and
+        small batches are read from `batches` ahead of time (see the README: packed
+        streams), so some after it may have been taken from the iterator.
         `timeout` bounds the whole stream; the client's default per-call timeout does not
         apply to streams. Streams are not retried.
         """
@@ -385,12 +388,12 @@ class Client:
         first = next(items, None)
         local_error: list[BaseException] = []
         pump: Optional[_packing.Pump[_packing.Item]] = None
-        if first is None or _packing.packs(first[0]):  # small tensors: see _packing
+        if (first is None or _packing.packs(first[0])) and self._packs_supported(md):  # see _packing
             source = itertools.chain([] if first is None else [first], items)
-            pump = _packing.Pump(source, _packing.item_bytes, _packing.discarder(self._segments))
+            pump = _packing.Pump(source, _packing.item_bytes, _packing.item_weight, _packing.discarder(self._segments))
             call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
         else:
-            messages = self._requests(itertools.chain([first], items), sent, local_error)
+            messages = self._requests(itertools.chain([] if first is None else [first], items), sent, local_error)
             call = self._stream(messages, timeout=timeout, metadata=md)
         try:
             for response in call:
@@ -423,13 +426,28 @@ class Client:
             local_error.append(e)
 
     @staticmethod
-    def _packs(pump: "_packing.Pump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]) -> Iterator[Any]:
+    def _packs(
+        pump: "_packing.Pump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]
+    ) -> Iterator[Any]:
         """NormalizeStreamPacked's messages: what the pump has ready, one pack at a time."""
-        while taken := pump.take():
-            sent.extend((device, segment) for _, device, segment in taken)
+        while taken := pump.take(lambda taken: sent.extend((device, segment) for _, device, segment in taken)):
             yield _packing.pack([request for request, _, _ in taken])
         if pump.error is not None:
             local_error.append(pump.error)
+
+    def _packs_supported(self, metadata: tuple[tuple[str, str], ...]) -> bool:
+        """Whether the server has NormalizeStreamPacked (one empty stream asks, once per
+        client; a server before it answers UNIMPLEMENTED, and streams go unpacked)."""
+        if self._packed is None:
+            try:
+                for _ in self._packed_stream(iter(()), timeout=_PROBE_TIMEOUT, metadata=metadata):
+                    pass
+                self._packed = True
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return True  # not an answer to the question: the stream itself will meet it
+                self._packed = False
+        return self._packed
 
     def _stream_request(
         self, layer: str, mode: "pb.Mode", x: Any, metadata: Optional[Metadata]

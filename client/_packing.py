@@ -7,7 +7,8 @@ lone request goes at once, so packing adds no latency, only fewer messages.
 
 A stream whose first request carries a tensor of 32 KiB or more (wire.MIN_FRAMED_BYTES) uses
 NormalizeStream instead: there the bytes, not the messages, are the cost, and its messages
-carry the tensor without protobuf copying it.
+carry the tensor without protobuf copying it. Requests through shared memory are small
+whatever the tensor, so they are packed; their segments count towards the read-ahead.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ T = TypeVar("T")
 # before it is sent with what it holds: packs stay far below any message size limit.
 PACK_MAX_REQUESTS = 64
 PACK_MAX_BYTES = 1 << 20
-# Batches read ahead of what was sent, at most: bounds the memory a fast iterator can take.
+# Read ahead of what was sent, at most: this many batches, and this many bytes of messages
+# and shared-memory segments (one batch always). Bounds what a fast iterator can take.
 READ_AHEAD = 2 * PACK_MAX_REQUESTS
+READ_AHEAD_BYTES = 8 << 20
 
 
 def packs(request: Any) -> bool:
@@ -47,7 +50,13 @@ Item = tuple[Any, Any, Optional[_shm.Segment]]
 
 
 def item_bytes(item: Item) -> int:
+    """What an item adds to a pack."""
     return request_bytes(item[0])
+
+
+def item_weight(item: Item) -> int:
+    """What an item read ahead holds: its message, and its segment (shared memory)."""
+    return request_bytes(item[0]) + (item[2].size if item[2] is not None else 0)
 
 
 def discarder(pool: Optional[_shm.SegmentPool]) -> Callable[[Item], None]:
@@ -77,18 +86,47 @@ def take(ready: "collections.deque[T]", size: Callable[[T], int]) -> list[T]:
     return taken
 
 
+class _ReadAhead(Generic[T]):
+    """The items read but not taken yet, and their weight."""
+
+    def __init__(self, weight: Callable[[T], int]):
+        self.items: collections.deque[T] = collections.deque()
+        self.weight = weight
+        self.bytes = 0
+
+    def full(self) -> bool:
+        return len(self.items) >= READ_AHEAD or (bool(self.items) and self.bytes >= READ_AHEAD_BYTES)
+
+    def add(self, item: T) -> None:
+        self.items.append(item)
+        self.bytes += self.weight(item)
+
+    def take(self, size: Callable[[T], int]) -> list[T]:
+        taken = take(self.items, size)
+        self.bytes -= sum(self.weight(item) for item in taken)
+        return taken
+
+    def clear(self) -> list[T]:
+        left = list(self.items)
+        self.items.clear()
+        self.bytes = 0
+        return left
+
+
 class Pump(Generic[T]):
-    """Reads `source` on a thread of its own into a queue of at most READ_AHEAD items;
+    """Reads `source` on a thread of its own, a bounded distance ahead (see READ_AHEAD);
     `take` hands out what is ready. The caller's iterator may block (a data loader, a
     window of requests in flight) while what it already gave is being sent."""
 
-    def __init__(self, source: Iterator[T], size: Callable[[T], int], discard: Callable[[T], None]):
+    def __init__(
+        self, source: Iterator[T], size: Callable[[T], int], weight: Callable[[T], int], discard: Callable[[T], None]
+    ):
         self._source = source
         self._size = size
         self._discard = discard  # for items read but never taken
-        self._ready: collections.deque[T] = collections.deque()
+        self._ahead = _ReadAhead(weight)
         self._cond = threading.Condition()
-        self._done = False  # the source is exhausted, failed, or reading stopped
+        self._done = False  # the source is exhausted or failed
         self._closed = False
         self.error: Optional[BaseException] = None  # what the source (or building) raised
         threading.Thread(target=self._read, name="normserve-stream-reader", daemon=True).start()
@@ -97,10 +135,10 @@ class Pump(Generic[T]):
         try:
             for item in self._source:
                 with self._cond:
-                    while len(self._ready) >= READ_AHEAD and not self._closed:
+                    while self._ahead.full() and not self._closed:
                         self._cond.wait()
                     if not self._closed:
-                        self._ready.append(item)
+                        self._ahead.add(item)
                         self._cond.notify_all()
                         continue
                 self._discard(item)
@@ -112,15 +150,17 @@ class Pump(Generic[T]):
                 self._done = True
                 self._cond.notify_all()
 
-    def take(self) -> list[T]:
-        """The ready items that fit one pack, waiting for the first; [] at the end (or
-        once closed)."""
+    def take(self, record: Callable[[list[T]], None]) -> list[T]:
+        """The ready items that fit one pack, waiting for the first; [] at the end (or once
+        closed). `record` sees them first, under the lock: once close() has returned, no
+        item is handed out any more."""
         with self._cond:
-            while not self._ready and not self._done and not self._closed:
+            while not self._ahead.items and not self._done and not self._closed:
                 self._cond.wait()
-            if not self._ready:
+            if not self._ahead.items or self._closed:
                 return []
-            taken = take(self._ready, self._size)
+            taken = self._ahead.take(self._size)
+            record(taken)
             self._cond.notify_all()
             return taken
 
@@ -130,24 +170,26 @@ class Pump(Generic[T]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            left = list(self._ready)
-            self._ready.clear()
+            left = self._ahead.clear()
         for item in left:
             self._discard(item)
 
 
 class AsyncPump(Generic[T]):
-    """Pump for the AsyncClient: a task reads `source` ahead, READ_AHEAD items at most."""
+    """Pump for the AsyncClient: a task reads `source` ahead."""
 
-    def __init__(self, source: AsyncIterator[T], size: Callable[[T], int], discard: Callable[[T], None]):
+    def __init__(
+        self, source: AsyncIterator[T], size: Callable[[T], int], weight: Callable[[T], int], discard: Callable[[T], None]
+    ):
         self._source = source
         self._size = size
         self._discard = discard
-        self._ready: collections.deque[T] = collections.deque()
-        self._changed = asyncio.Event()  # set whenever _ready or _done changes
+        self._ahead = _ReadAhead(weight)
+        self._holding: Optional[T] = None  # an item read while the read-ahead is full
+        self._changed = asyncio.Event()  # set whenever the read-ahead or _done changes
         self._done = False
         self._closed = False
-        self.error: Optional[Exception] = None
+        self.error: Optional[BaseException] = None
         self._task = asyncio.ensure_future(self._read())
 
     def _notify(self) -> None:
@@ -157,26 +199,30 @@ class AsyncPump(Generic[T]):
     async def _read(self) -> None:
         try:
             async for item in self._source:
-                while len(self._ready) >= READ_AHEAD and not self._closed:
+                self._holding = item
+                while self._ahead.full() and not self._closed:
                     await self._changed.wait()
+                self._holding = None
                 if self._closed:
                     self._discard(item)
                     return
-                self._ready.append(item)
+                self._ahead.add(item)
                 self._notify()
-        except Exception as e:  # noqa: BLE001 - handed to the caller's task
-            self.error = e
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's task
+            if not self._closed:  # else: close() cancelled this task
+                self.error = e
         finally:
             self._done = True
             self._notify()
 
     async def take(self) -> list[T]:
-        """The ready items that fit one pack, waiting for the first; [] at the end."""
-        while not self._ready and not self._done and not self._closed:
+        """The ready items that fit one pack, waiting for the first; [] at the end (or
+        once closed)."""
+        while not self._ahead.items and not self._done and not self._closed:
             await self._changed.wait()
-        if not self._ready:
+        if not self._ahead.items or self._closed:
             return []
-        taken = take(self._ready, self._size)
+        taken = self._ahead.take(self._size)
         self._notify()
         return taken
 
@@ -184,6 +230,10 @@ class AsyncPump(Generic[T]):
         """Stop reading and discard what was read but not taken."""
         self._closed = True
         self._task.cancel()
-        while self._ready:
-            self._discard(self._ready.popleft())
+        left = self._ahead.clear()
+        if self._holding is not None:
+            left.append(self._holding)
+            self._holding = None
+        for item in left:
+            self._discard(item)
         self._notify()

@@ -85,15 +85,24 @@ def frame(message: Any, path: Sequence[int], data: Buffer) -> Any:
 
 
 def plain(message: Any) -> Any:
-    """`message` as a plain protobuf message: a Framed one's bytes set in their field (a copy)."""
+    """`message` as a plain protobuf message. A Framed one is parsed from the bytes it
+    serialized when it was made: its payload may view a caller's array changed since."""
     if not isinstance(message, Framed):
         return message
-    target, descriptor = message.message, message.message.DESCRIPTOR
-    for number in message.path[:-1]:
-        field = descriptor.fields_by_number[number]
-        target, descriptor = getattr(target, field.name), field.message_type
-    setattr(target, descriptor.fields_by_number[message.path[-1]].name, bytes(message.payload))
-    return message.message
+    return type(message.message).FromString(message.SerializeToString())
+
+
+def count_field(raw: bytes, number: int, stop_after: int) -> Optional[int]:
+    """How many times top-level field `number` occurs in `raw` (counting stops past
+    `stop_after`), without parsing the rest; None where `raw` isn't plainly protobuf."""
+    view, pos, end, count = memoryview(raw), 0, len(raw), 0
+    try:
+        while pos < end and count <= stop_after:
+            key, _, pos = _field(view, pos, end)
+            count += key == number << 3 | _LEN
+    except _Unsupported:
+        return None
+    return count if pos <= end else None
 
 
 def payload(message: Any) -> Optional[Buffer]:
@@ -142,6 +151,22 @@ def _read_varint(view: memoryview, pos: int, end: int, max_bytes: int) -> tuple[
     raise _Unsupported  # truncated, or longer than protobuf accepts here
 
 
+def _field(view: memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """(key, where its value's bytes start, where the field ends) of the field at `pos`."""
+    key, pos = _read_varint(view, pos, end, 5)  # upb refuses longer tags
+    wire_type = key & 7
+    if wire_type == 0:
+        return key, pos, _read_varint(view, pos, end, 10)[1]
+    if wire_type == 1:
+        return key, pos, pos + 8
+    if wire_type == 5:
+        return key, pos, pos + 4
+    if wire_type == _LEN:
+        length, body = _read_varint(view, pos, end, 5)  # upb refuses longer lengths
+        return key, body, body + length
+    raise _Unsupported  # groups, or not protobuf at all
+
+
 def _strip(
     view: memoryview, start: int, end: int, path: Sequence[int], others: Sequence[frozenset[int]]
 ) -> Optional[tuple[bytes, memoryview]]:
@@ -155,27 +180,16 @@ def _strip(
         if pos >= end:
             break
         field_start = pos
-        key, pos = _read_varint(view, pos, end, 5)  # upb refuses longer tags
+        key, body, pos = _field(view, pos, end)
         field, wire_type = key >> 3, key & 7
         if field == 0 or field in excluded or key >= 1 << 32:
             raise _Unsupported
-        if wire_type == 0:
-            _, pos = _read_varint(view, pos, end, 10)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == _LEN:
-            length, body = _read_varint(view, pos, end, 5)  # upb refuses longer lengths
-            pos = body + length
-            if pos <= end and field == number:
-                inner = None if len(path) == 1 else _strip(view, body, pos, path[1:], others[1:])
-                if len(path) == 1 or inner is not None:
-                    if hit is not None:
-                        raise _Unsupported  # twice: protobuf's merge rules decide
-                    hit = (field_start, body, pos, inner)
-        else:
-            raise _Unsupported  # groups, or not protobuf at all
+        if wire_type == _LEN and field == number and pos <= end:
+            inner = None if len(path) == 1 else _strip(view, body, pos, path[1:], others[1:])
+            if len(path) == 1 or inner is not None:
+                if hit is not None:
+                    raise _Unsupported  # twice: protobuf's merge rules decide
+                hit = (field_start, body, pos, inner)
         if field == number and wire_type != _LEN:
             raise _Unsupported
     if pos != end:

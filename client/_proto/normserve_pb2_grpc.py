@@ -168,7 +168,7 @@ class NormServiceServicer:
         dominates for small tensors, is shared by the requests of a pack. Each pack is
         answered by one pack holding one response per request, in order; `sequence` counts
         requests across the stream, as in NormalizeStream. The Python SDK's streams pack the
-        requests that are ready to send (tensors under 32 KiB), without waiting for more. A
+        requests that are ready to send (messages under 32 KiB), without waiting for more. A
         pack of more than 1,024 requests, or one that can't be decoded, fails the stream with
         INVALID_ARGUMENT (its requests can't be answered one by one). Counts as a stream for
         --max-streams.

@@ -123,6 +123,25 @@ class Undecodable:
         return CodecError(f"request is not a valid {self.message_type} message: {self.reason}")
 
 
+class OversizedPack:
+    """Stands in for a NormalizePack of more than MAX_PACK_REQUESTS requests: refused
+    before it is parsed (parsing a million tiny requests would take seconds and GBs)."""
+
+    def error(self) -> CodecError:
+        return CodecError(f"a NormalizePack holds at most {MAX_PACK_REQUESTS} requests; this one holds more")
+
+
+def _parse_pack(raw: bytes) -> Any:
+    count = wire.count_field(raw, _PACK_REQUESTS, MAX_PACK_REQUESTS)
+    if count is not None and count > MAX_PACK_REQUESTS:
+        return OversizedPack()
+    pack = pb.NormalizePack.FromString(raw)  # and where the count wasn't sure:
+    return OversizedPack() if len(pack.requests) > MAX_PACK_REQUESTS else pack
+
+
+_PACK_REQUESTS = pb.NormalizePack.DESCRIPTOR.fields_by_name["requests"].number
+
+
 def _tolerant(parse: Callable[[bytes], Any], message_class: Any) -> Callable[[bytes], Any]:
     def tolerant(data: bytes) -> Any:
         try:
@@ -141,7 +160,12 @@ def add_to_server(servicer: "NormServicer", server: grpc.Server) -> None:
     handlers = {}
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
-        parse = wire.parser(request_class, wire.REQUEST_DATA) if request_class is pb.NormalizeRequest else request_class.FromString
+        if request_class is pb.NormalizeRequest:
+            parse = wire.parser(request_class, wire.REQUEST_DATA)
+        elif request_class is pb.NormalizePack:
+            parse = _parse_pack
+        else:
+            parse = request_class.FromString
         make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(
             getattr(servicer, method.name),
@@ -417,12 +441,9 @@ class NormServicer(pb_grpc.NormServiceServicer):
         with self._stream("NormalizeStreamPacked", context) as stream:
             for pack in request_iterator:
                 stream.touch()  # a pack may be empty
-                if isinstance(pack, Undecodable) or len(pack.requests) > MAX_PACK_REQUESTS:
-                    problem = str(pack.error()) if isinstance(pack, Undecodable) else (
-                        f"a NormalizePack holds at most {MAX_PACK_REQUESTS} requests, got {len(pack.requests)}"
-                    )
+                if isinstance(pack, (Undecodable, OversizedPack)):
                     self._metrics.observe_request("NormalizeStreamPacked", "invalid", "INVALID_ARGUMENT", 0.0)
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(pack.error()))
                 answers = pb.NormalizeStreamPack()
                 for request in pack.requests:
                     message, output = self._stream_answer(stream, request)

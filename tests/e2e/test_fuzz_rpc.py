@@ -622,7 +622,8 @@ def _pack(msgs: list[bytes]) -> bytes:
 def test_fuzzed_packed_streams(fz):
     """The same streams as packs (all of a stream's messages in one, after an empty one):
     one answer per request in order; a pack holding an undecodable request fails the
-    stream with INVALID_ARGUMENT and none of its requests run."""
+    stream with INVALID_ARGUMENT and no answer (that none of its requests ran is checked
+    in test_packed_stream.py)."""
     counts = collections.Counter()
 
     @fuzz(150)

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -62,17 +63,22 @@ def test_oversized_pack_fails_the_stream_and_none_of_its_requests_run(client, ch
         for answer in pb_grpc.NormServiceStub(channel).NormalizeStreamPacked(iter([first, too_many]), timeout=RPC_TIMEOUT):
             answers.append(answer)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "at most 1024 requests, got 1025" in info.value.details()
+    assert "at most 1024 requests; this one holds more" in info.value.details()
     assert [len(a.responses) for a in answers] == [2]  # the pack before it was answered
     assert client.get_layer(name).state.version == 2  # and none of the big pack's requests ran
 
 
-def test_undecodable_pack_fails_the_stream(channel):
+def test_undecodable_pack_fails_the_stream_and_none_of_its_requests_run(client, channel, name):
+    client.create_layer(name, "BatchNorm1d", num_features=4)
+    good = train_request(name, np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)).SerializeToString()
     call = channel.stream_stream(f"/{SERVICE}/NormalizeStreamPacked", request_serializer=None, response_deserializer=None)
-    with pytest.raises(grpc.RpcError) as info:
-        list(call(iter([b"\x0a\xff\xff\xff\xff\x0f"]), timeout=RPC_TIMEOUT))  # a length past the end
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a valid normserve.v1.NormalizePack message" in info.value.details()
+    for bad in (b"\x0a\x02\xff\xfe", b"\x0a\xff\xff\xff\xff\x0f"):  # bad UTF-8 in a request; a length past the end
+        pack = b"\x0a" + wire._varint(len(good)) + good + bad
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(iter([pack]), timeout=RPC_TIMEOUT))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid normserve.v1.NormalizePack message" in info.value.details()
+    assert client.get_layer(name).state.version == 0
 
 
 def test_a_large_tensor_in_a_pack_travels_in_the_message(client, channel, name):
@@ -127,7 +133,8 @@ def test_sdk_packs_small_batches_and_matches_torch(recorded, name):
     for got, want in zip(outputs, local_outputs(local, batches, train=True), strict=True):
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
     assert_state(client, name, local)
-    ((method, packs),) = interceptor.calls
+    (probe, probe_messages), (method, packs) = interceptor.calls  # a new client asks once
+    assert probe.endswith("/NormalizeStreamPacked") and probe_messages == []
     assert method.endswith("/NormalizeStreamPacked")
     sizes = [len(p.requests) for p in packs]
     assert sum(sizes) == 500 and max(sizes) <= PACK_MAX_REQUESTS
@@ -141,7 +148,7 @@ def test_sdk_streams_large_batches_unpacked(recorded, name):
     x = np.random.default_rng(4).normal(size=(8, 3, 32, 32)).astype(np.float32)
     outputs = list(client.normalize_stream(name, [x, x], mode="eval"))
     assert len(outputs) == 2
-    ((method, messages),) = interceptor.calls
+    ((method, messages),) = interceptor.calls  # no probe: it is asked only for small batches
     assert method.endswith("/NormalizeStream") and len(messages) == 2
 
 
@@ -157,7 +164,7 @@ def test_sdk_packed_stream_with_a_large_batch_midway_matches_torch(recorded, nam
     for got, want in zip(outputs, local_outputs(local, batches, train=True), strict=True):
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
     assert_state(client, name, local)
-    assert interceptor.calls[0][0].endswith("/NormalizeStreamPacked")
+    assert [method.rsplit("/", 1)[1] for method, _ in interceptor.calls] == ["NormalizeStreamPacked"] * 2
 
 
 def test_async_sdk_packs_small_batches_and_matches_torch(server, name):
@@ -215,3 +222,57 @@ def test_sdk_packed_stream_raises_the_error_at_its_position(client, name):
         for y in client.normalize_stream(name, [good] * 10 + [bad] + [good] * 10, mode="train"):
             outputs.append(y)
     assert info.value.sequence == 10 and len(outputs) == 10
+
+
+# -- a server without NormalizeStreamPacked --------------------------------------------------------
+@pytest.fixture(scope="module")
+def older_server(server):
+    """A server of the API before NormalizeStreamPacked: a proxy on 127.0.0.1 that forwards
+    every other NormService method to the real server, so this one is UNIMPLEMENTED."""
+    upstream = grpc.insecure_channel(server.target)
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["NormService"].methods:
+        if method.name == "NormalizeStreamPacked":
+            continue
+        path = f"/{SERVICE}/{method.name}"
+        if method.client_streaming:
+            forward = upstream.stream_stream(path, request_serializer=None, response_deserializer=None)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(lambda it, ctx, f=forward: f(it))
+        else:
+            forward = upstream.unary_unary(path, request_serializer=None, response_deserializer=None)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(lambda req, ctx, f=forward: f(req))
+    proxy = grpc.server(ThreadPoolExecutor(8))
+    proxy.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = proxy.add_insecure_port("127.0.0.1:0")
+    proxy.start()
+    yield f"127.0.0.1:{port}"
+    proxy.stop(None)
+    upstream.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_sdk_streams_unpacked_to_a_server_without_packs(older_server, name, kind):
+    g = np.random.default_rng(7)
+    batches = [g.normal(size=(4, 4)).astype(np.float32) for _ in range(50)]
+    local = torch.nn.BatchNorm1d(4)
+    expected = local_outputs(local, batches, train=True)
+    halves = (batches[:25], batches[25:])  # two streams: the answer is asked once, remembered
+    if kind == "sync":
+        with Client(older_server, timeout=30) as c:
+            c.create_layer(name, "BatchNorm1d", num_features=4)
+            outputs = [y for half in halves for y in c.normalize_stream(name, half, mode="train")]
+            assert c._packed is False
+    else:
+
+        async def main():
+            async with AsyncClient(older_server, timeout=30) as c:
+                await c.create_layer(name, "BatchNorm1d", num_features=4)
+                got = []
+                for half in halves:
+                    got += [y async for y in c.normalize_stream(name, half, mode="train")]
+                assert c._packed is False
+                return got
+
+        outputs = asyncio.run(main())
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,10 @@ from normserve.client._packing import PACK_MAX_BYTES, PACK_MAX_REQUESTS, READ_AH
 from normserve.client._proto import normserve_pb2 as pb
 
 
+ONE = lambda _: 1  # noqa: E731 - every item sized and weighed 1
+KEEP = NOTE = lambda _: None  # noqa: E731
+
+
 def wait_for(condition, limit=10.0):
     deadline = time.monotonic() + limit
     while not condition():
@@ -44,6 +48,14 @@ def test_pack_carries_a_framed_requests_bytes_in_the_message():
     assert not _packing.packs(framed) and _packing.packs(pb.NormalizeRequest())
 
 
+def test_pack_sends_the_bytes_the_request_was_made_with():
+    """A caller may reuse its array once the call has it: the pack holds the old values."""
+    x = np.zeros((64, 256), np.float32)
+    framed = core.stream_request("l", pb.MODE_TRAIN, x)
+    x[...] = 7.0
+    assert np.array_equal(codec.to_numpy(_packing.pack([framed]).requests[0].input), np.zeros((64, 256), np.float32))
+
+
 def test_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
     pulled = itertools.count()
     discarded = []
@@ -52,15 +64,16 @@ def test_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
         while True:
             yield next(pulled)
 
-    pump = _packing.Pump(endless(), lambda _: 1, discarded.append)
-    wait_for(lambda: len(pump._ready) == READ_AHEAD)
+    pump = _packing.Pump(endless(), ONE, ONE, discarded.append)
+    wait_for(lambda: len(pump._ahead.items) == READ_AHEAD)
     time.sleep(0.05)
-    assert len(pump._ready) == READ_AHEAD  # it stopped there
-    assert pump.take() == list(range(PACK_MAX_REQUESTS))
-    wait_for(lambda: len(pump._ready) == READ_AHEAD)  # and reads on when there is room
+    assert len(pump._ahead.items) == READ_AHEAD  # it stopped there
+    assert pump.take(NOTE) == list(range(PACK_MAX_REQUESTS))
+    wait_for(lambda: len(pump._ahead.items) == READ_AHEAD)  # and reads on when there is room
     pump.close()
-    wait_for(lambda: len(discarded) == READ_AHEAD + 1)
-    assert discarded == list(range(PACK_MAX_REQUESTS, PACK_MAX_REQUESTS + READ_AHEAD + 1))
+    wait_for(lambda: len(discarded) == READ_AHEAD + 1)  # and the one it held, waiting for room
+    assert sorted(discarded) == list(range(PACK_MAX_REQUESTS, PACK_MAX_REQUESTS + READ_AHEAD + 1))
+    assert pump.take(NOTE) == []  # closed: nothing more is handed out
 
 
 def test_pump_hands_out_everything_then_the_error():
@@ -68,9 +81,9 @@ def test_pump_hands_out_everything_then_the_error():
         yield from range(3)
         raise ValueError("bad batch")
 
-    pump = _packing.Pump(failing(), lambda _: 1, lambda _: None)
+    pump = _packing.Pump(failing(), ONE, ONE, KEEP)
     taken = []
-    while batch := pump.take():
+    while batch := pump.take(NOTE):
         taken += batch
     assert taken == [0, 1, 2] and isinstance(pump.error, ValueError)
 
@@ -83,10 +96,10 @@ def test_pump_take_waits_for_the_first_item_only():
         release.wait(10)
         yield 2
 
-    pump = _packing.Pump(slow(), lambda _: 1, lambda _: None)
-    assert pump.take() == [1]  # does not wait for the second
+    pump = _packing.Pump(slow(), ONE, ONE, KEEP)
+    assert pump.take(NOTE) == [1]  # does not wait for the second
     release.set()
-    assert pump.take() == [2] and pump.take() == []
+    assert pump.take(NOTE) == [2] and pump.take(NOTE) == []
 
 
 def test_async_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
@@ -99,28 +112,51 @@ def test_async_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
                 yield next(pulled)
                 await asyncio.sleep(0)
 
-        pump = _packing.AsyncPump(endless(), lambda _: 1, discarded.append)
-        for _ in range(10 * READ_AHEAD):
-            await asyncio.sleep(0)
-        assert len(pump._ready) == READ_AHEAD
+        async def settle():
+            for _ in range(4 * READ_AHEAD):
+                await asyncio.sleep(0)
+
+        pump = _packing.AsyncPump(endless(), ONE, ONE, discarded.append)
+        await settle()
+        assert len(pump._ahead.items) == READ_AHEAD
         assert await pump.take() == list(range(PACK_MAX_REQUESTS))
+        await settle()
+        assert len(pump._ahead.items) == READ_AHEAD
         pump.close()
-        await asyncio.sleep(0)
-        assert discarded == list(range(PACK_MAX_REQUESTS, PACK_MAX_REQUESTS + len(discarded)))
-        assert len(discarded) >= READ_AHEAD - PACK_MAX_REQUESTS
-
-        async def failing():
-            yield 1
-            raise ValueError("bad batch")
-
-        pump = _packing.AsyncPump(failing(), lambda _: 1, lambda _: None)
-        assert await pump.take() == [1] and await pump.take() == []
-        assert isinstance(pump.error, ValueError)
+        await settle()
+        # what was read ahead, and the one it held, waiting for room
+        assert sorted(discarded) == list(range(PACK_MAX_REQUESTS, PACK_MAX_REQUESTS + READ_AHEAD + 1))
+        assert await pump.take() == []
 
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("error", [ValueError("bad batch"), asyncio.CancelledError()])
+def test_async_pump_hands_out_everything_then_the_error(error):
+    """A source that raises, even CancelledError, fails the stream: it doesn't end it."""
+
+    async def main():
+        async def failing():
+            yield 1
+            raise error
+
+        pump = _packing.AsyncPump(failing(), ONE, ONE, KEEP)
+        assert await pump.take() == [1] and await pump.take() == []
+        assert pump.error is error
+
+    asyncio.run(main())
+
+
+def test_read_ahead_is_bounded_by_bytes_too():
+    """Shared-memory segments are weighed: big batches are read ahead one or a few at a time."""
+    for weight, ahead in ((3 << 20, 3), (20 << 20, 1)):
+        pump = _packing.Pump(itertools.repeat("x"), ONE, lambda _, w=weight: w, KEEP)
+        wait_for(lambda: len(pump._ahead.items) == ahead)
+        time.sleep(0.05)
+        assert len(pump._ahead.items) == ahead
+        pump.close()
+    assert _packing.item_weight((pb.NormalizeRequest(layer="l"), None, None)) == 3
 @pytest.mark.parametrize("n", [0, 1, 5])
 def test_pump_of_a_short_source_ends(n):
-    pump = _packing.Pump(iter(range(n)), lambda _: 1, lambda _: None)
-    assert pump.take() == list(range(n))[:PACK_MAX_REQUESTS] and pump.take() == [] and pump.error is None
+    pump = _packing.Pump(iter(range(n)), ONE, ONE, KEEP)
+    assert pump.take(NOTE) == list(range(n))[:PACK_MAX_REQUESTS] and pump.take(NOTE) == [] and pump.error is None

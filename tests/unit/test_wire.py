@@ -237,3 +237,14 @@ def test_framed_reads_through_copies_and_serializes_once():
     assert clone.layer == "bn" and clone.SerializeToString() == first
     with pytest.raises(AttributeError):
         framed.no_such_field
+
+
+def test_count_field_counts_top_level_occurrences_and_stops_early():
+    requests = [pb.NormalizeRequest(layer=f"l{i}", input=pb.Tensor(shape=[i])) for i in range(30)]
+    raw = pb.NormalizePack(requests=requests).SerializeToString()
+    assert wire.count_field(raw, 1, 100) == 30
+    assert wire.count_field(raw, 1, 9) == 10  # stops one past the bound
+    assert wire.count_field(raw, 2, 100) == 0
+    assert wire.count_field(b"", 1, 5) == 0
+    assert wire.count_field(raw[:-1], 1, 100) is None  # the last field runs past the end
+    assert wire.count_field(b"\x0f\x00", 1, 5) is None  # wire type 7: not protobuf
