@@ -393,7 +393,7 @@ class AsyncClient:
             first = None
         local_error: list[BaseException] = []
         pump: Optional[_packing.AsyncPump[_packing.Item]] = None
-        if (first is None or _packing.packs(first[0])) and await self._packs_supported(md):  # see _packing
+        if (first is None or _packing.packs(first[0])) and await self._packs_supported(md, timeout):  # see _packing
             weight, discard = _packing.item_weight, _packing.discarder(self._segments)
             pump = _packing.AsyncPump(_prepend(first, items), _packing.item_bytes, weight, discard)
             call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
@@ -442,12 +442,13 @@ class AsyncClient:
         if pump.error is not None:
             local_error.append(pump.error)
 
-    async def _packs_supported(self, metadata: tuple[tuple[str, str], ...]) -> bool:
+    async def _packs_supported(self, metadata: tuple[tuple[str, str], ...], timeout: Optional[float]) -> bool:
         """Whether the server has NormalizeStreamPacked (as Client._packs_supported)."""
         if self._packed is None:
             assert self._packed_stream is not None
+            probe = min(timeout or _PROBE_TIMEOUT, _PROBE_TIMEOUT)
             try:
-                async for _ in self._packed_stream(_no_messages(), timeout=_PROBE_TIMEOUT, metadata=metadata):
+                async for _ in self._packed_stream(_no_messages(), timeout=probe, metadata=metadata):
                     pass
                 self._packed = True
             except grpc.RpcError as e:

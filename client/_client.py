@@ -388,7 +388,7 @@ class Client:
         first = next(items, None)
         local_error: list[BaseException] = []
         pump: Optional[_packing.Pump[_packing.Item]] = None
-        if (first is None or _packing.packs(first[0])) and self._packs_supported(md):  # see _packing
+        if (first is None or _packing.packs(first[0])) and self._packs_supported(md, timeout):  # see _packing
             source = itertools.chain([] if first is None else [first], items)
             pump = _packing.Pump(source, _packing.item_bytes, _packing.item_weight, _packing.discarder(self._segments))
             call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
@@ -435,12 +435,14 @@ class Client:
         if pump.error is not None:
             local_error.append(pump.error)
 
-    def _packs_supported(self, metadata: tuple[tuple[str, str], ...]) -> bool:
-        """Whether the server has NormalizeStreamPacked (one empty stream asks, once per
-        client; a server before it answers UNIMPLEMENTED, and streams go unpacked)."""
+    def _packs_supported(self, metadata: tuple[tuple[str, str], ...], timeout: Optional[float]) -> bool:
+        """Whether the server has NormalizeStreamPacked: one empty stream asks, once per
+        client, within the stream's timeout (5 s at most); a server from before it answers
+        UNIMPLEMENTED, and streams then go unpacked."""
         if self._packed is None:
+            probe = min(timeout or _PROBE_TIMEOUT, _PROBE_TIMEOUT)
             try:
-                for _ in self._packed_stream(iter(()), timeout=_PROBE_TIMEOUT, metadata=metadata):
+                for _ in self._packed_stream(iter(()), timeout=probe, metadata=metadata):
                     pass
                 self._packed = True
             except grpc.RpcError as e:
