@@ -125,6 +125,11 @@ def to_torch(
     dtype = getattr(torch, name)
     if not data:
         return torch.empty(shape, dtype=dtype)
+    array_dtype = NUMPY_DTYPES.get(name)
+    if array_dtype is not None and array_dtype.isnative:
+        # numpy shapes it: torch's own view would release and retake the GIL, which costs
+        # a thread switch per request on a busy server.
+        return torch.from_numpy(np.frombuffer(data, dtype=array_dtype).reshape(shape))
     return torch.frombuffer(data, dtype=dtype).view(shape)
 
 
@@ -189,10 +194,14 @@ def _torch_array(x: "torch.Tensor") -> tuple[str, tuple[int, ...], np.ndarray]:
     """(dtype name, shape, the tensor's bytes as a C-contiguous CPU array)."""
     torch = _torch()
     name = tensor_dtype_name(x)
-    x = x.detach().to("cpu").contiguous()
+    # Only the calls needed: each torch call releases and retakes the GIL (see to_torch).
+    if x.requires_grad:
+        x = x.detach()
+    if x.device.type != "cpu":
+        x = x.cpu()
     if x.dtype == torch.bfloat16:
         x = x.view(torch.int16)  # numpy can't hold bfloat16; the bytes are the same
-    return name, tuple(x.shape), x.numpy()
+    return name, tuple(x.shape), np.ascontiguousarray(x.numpy())
 
 
 def _numpy_array(x: Any) -> tuple[str, tuple[int, ...], np.ndarray]:

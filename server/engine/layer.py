@@ -329,8 +329,10 @@ class Layer:
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The output stays on the layer's device; the codec moves it when encoding."""
         try:
+            if x.device != self.device:
+                x = x.to(self.device)
             with torch.no_grad():
-                return module(x.to(self.device))
+                return module(x)
         except _OUT_OF_MEMORY:
             raise  # not the caller's input: INTERNAL, logged
         except (RuntimeError, ValueError) as e:
