@@ -29,7 +29,7 @@ if sys.byteorder != "little":  # the zero-copy paths below assume the wire's byt
 
 # Tensors decoded from protobuf bytes are never written in place (the server only reads
 # its inputs); torch's warning about the read-only buffer is noise on every request.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable", category=UserWarning)
 
 DTYPE_NAMES: dict["pb.DType", str] = {
     pb.DTYPE_FLOAT32: "float32",
@@ -126,7 +126,7 @@ def to_torch(
     if not data:
         return torch.empty(shape, dtype=dtype)
     array_dtype = NUMPY_DTYPES.get(name)
-    if array_dtype is not None and array_dtype.isnative:
+    if array_dtype is not None:
         # numpy shapes it: torch's own view would release and retake the GIL, which costs
         # a thread switch per request on a busy server.
         return torch.from_numpy(np.frombuffer(data, dtype=array_dtype).reshape(shape))

@@ -182,6 +182,10 @@ class Histogram(_Family):
     def _new(self) -> HistogramSeries:
         return HistogramSeries(self._bounds)
 
+    def observe(self, value: float, exemplar: Optional[dict[str, str]] = None) -> None:
+        """Without labels the family is its own single series, as for Gauge."""
+        self._only.observe(value, exemplar)
+
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, series in self._items():

@@ -125,6 +125,9 @@ class Metrics:
             "normserve_stream_messages", "Stream requests received and answers sent (a pack counts its requests)", ["direction"]
         ))
         self.open_streams = fast.add(Gauge("normserve_open_streams", "Open NormalizeStream and NormalizeStreamPacked calls"))
+        self.pack_requests = fast.add(Histogram(
+            "normserve_pack_requests", "Requests per NormalizeStreamPacked message", [], BATCH_BUCKETS
+        ))
         self.queue_duration = fast.add(Histogram(
             "normserve_queue_duration_seconds",
             "Time a request waited before its computation (train: for the layer's write lock)",

@@ -444,6 +444,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
                 if isinstance(pack, (Undecodable, OversizedPack)):
                     self._metrics.observe_request("NormalizeStreamPacked", "invalid", "INVALID_ARGUMENT", 0.0)
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(pack.error()))
+                self._metrics.pack_requests.observe(len(pack.requests))
                 answers = pb.NormalizeStreamPack()
                 for request in pack.requests:
                     message, output = self._stream_answer(stream, request)

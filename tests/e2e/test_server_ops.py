@@ -302,6 +302,11 @@ def test_metrics_exact_counts(metrics_server, metrics_client):
     assert delta(before, after, "normserve_tensor_bytes_total", direction="out") == 9 * x.nbytes
     assert delta(before, after, "normserve_stream_messages_total", direction="received") == 5
     assert delta(before, after, "normserve_stream_messages_total", direction="sent") == 5
+    assert delta(before, after, "normserve_pack_requests_sum") == 5  # the SDK's stream of 5 small batches
+    assert 1 <= delta(before, after, "normserve_pack_requests_count") <= 5
+    assert delta(before, after, "normserve_pack_requests_bucket", le="+Inf") == delta(
+        before, after, "normserve_pack_requests_count"
+    )
 
     assert delta(before, after, "normserve_layers", kind="BatchNorm2d") == 1
     assert delta(before, after, "normserve_layers", kind="LayerNorm") == 1

@@ -40,10 +40,12 @@ def test_exposition_matches_prometheus_client_for_the_same_updates():
     c = fast.add(mt.Counter("t_requests", "c", ["method"]))
     g = fast.add(mt.Gauge("t_in_flight", "g", ["method"]))
     u = fast.add(mt.Gauge("t_open", "u"))
+    uh = fast.add(mt.Histogram("t_pack", "uh", [], (1, 2, 4, 8)))
     ph = prometheus_client.Histogram("t_seconds", "h", ["method", "code"], buckets=BOUNDS, registry=theirs)
     pc = prometheus_client.Counter("t_requests", "c", ["method"], registry=theirs)
     pg = prometheus_client.Gauge("t_in_flight", "g", ["method"], registry=theirs)
     pu = prometheus_client.Gauge("t_open", "u", registry=theirs)
+    puh = prometheus_client.Histogram("t_pack", "uh", buckets=(1, 2, 4, 8), registry=theirs)
     rng = random.Random(7)
     # Every bound itself (le is inclusive), values between and beyond them, and zero.
     values = list(BOUNDS) + [0.0, 20.0, 1e9, float("inf"), -1.0] + [rng.uniform(0, 12) for _ in range(300)]
@@ -58,6 +60,9 @@ def test_exposition_matches_prometheus_client_for_the_same_updates():
         if v > 5:
             g.labels(labels[0]).dec(2)
             pg.labels(labels[0]).dec(2)
+        n = rng.choice([0, 1, 2, 3, 8, 9, 64])  # an unlabelled histogram is its own series
+        uh.observe(n)
+        puh.observe(n)
     u.inc()
     u.inc()
     u.dec()
