@@ -79,6 +79,18 @@ def _measured(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _still_wanted(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """Whether the caller still waits for the answer: not cancelled, and its deadline not
+    passed by the clock (gRPC's own deadline timer may fire late on a busy server, and a
+    train update must not be committed after its deadline)."""
+
+    def wanted() -> bool:
+        remaining = context.time_remaining()
+        return bool(context.is_active()) and (remaining is None or remaining > 0)
+
+    return wanted
+
+
 def _log_request(method: str, mode: str, code: str, seconds: float, request_id: str, layer: str) -> None:
     """One line per request at DEBUG (fields as `extra`, so JSON logs carry them)."""
     if log.isEnabledFor(logging.DEBUG):
@@ -420,7 +432,7 @@ class NormServicer(pb_grpc.NormServiceServicer):
     def Normalize(self, request: pb.NormalizeRequest, context: grpc.ServicerContext) -> Union[pb.NormalizeResponse, wire.Framed]:
         principal = self._auth.authenticate(context.invocation_metadata())
         response = pb.NormalizeResponse()
-        output = self._normalize(request, principal, context.is_active, response, context.peer)
+        output = self._normalize(request, principal, _still_wanted(context), response, context.peer)
         return wire.frame(response, wire.RESPONSE_DATA, output)
 
     def NormalizeStream(
@@ -495,7 +507,8 @@ class NormServicer(pb_grpc.NormServiceServicer):
             if undecodable:
                 raise request.error()
             message = pb.NormalizeStreamResponse(sequence=sequence)
-            output = self._normalize(request, stream.principal, stream.context.is_active, message.response, stream.context.peer)
+            wanted = _still_wanted(stream.context)
+            output = self._normalize(request, stream.principal, wanted, message.response, stream.context.peer)
             code = "OK"
         except Exception as exc:
             status, text = status_for(exc, stream.method)
