@@ -747,5 +747,8 @@ def test_arbitrary_bytes_parse_then_decode_with_domain_errors_only(method):
     if examples(200) < 200:
         return
     assert counts["refused"] + counts["ok"] > counts["undecodable"] / 4, counts
-    assert counts["ok"] > 0, counts
+    # A drawn LoadState is accepted only a few times in 200 (every tensor of the state must be
+    # finite and shaped right), so 200 draws may hold none: its acceptance of valid states
+    # is checked by test_engine_parity and the e2e parity suites instead.
+    assert counts["ok"] > 0 or method == "LoadState", counts
     assert counts["refused"] > 0 or method in ("ListLayers", "ListSharedMemory"), counts
