@@ -394,8 +394,7 @@ class AsyncClient:
         local_error: list[BaseException] = []
         pump: Optional[_packing.AsyncPump[_packing.Item]] = None
         if (first is None or _packing.packs(first[0])) and await self._packs_supported(md, timeout):  # see _packing
-            weight, discard = _packing.item_weight, _packing.discarder(self._segments)
-            pump = _packing.AsyncPump(_prepend(first, items), _packing.item_bytes, weight, discard)
+            pump = _packing.AsyncPump(_prepend(first, items), _packing.measure, _packing.discarder(self._segments))
             call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
         else:
             messages = self._requests(_prepend(first, items), sent, local_error)

@@ -390,7 +390,7 @@ class Client:
         pump: Optional[_packing.Pump[_packing.Item]] = None
         if (first is None or _packing.packs(first[0])) and self._packs_supported(md, timeout):  # see _packing
             source = itertools.chain([] if first is None else [first], items)
-            pump = _packing.Pump(source, _packing.item_bytes, _packing.item_weight, _packing.discarder(self._segments))
+            pump = _packing.Pump(source, _packing.measure, _packing.discarder(self._segments))
             call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
         else:
             messages = self._requests(itertools.chain([] if first is None else [first], items), sent, local_error)

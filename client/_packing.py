@@ -49,14 +49,11 @@ def request_bytes(request: Any) -> int:
 Item = tuple[Any, Any, Optional[_shm.Segment]]
 
 
-def item_bytes(item: Item) -> int:
-    """What an item adds to a pack."""
-    return request_bytes(item[0])
-
-
-def item_weight(item: Item) -> int:
-    """What an item read ahead holds: its message, and its segment (shared memory)."""
-    return request_bytes(item[0]) + (item[2].size if item[2] is not None else 0)
+def measure(item: Item) -> tuple[int, int]:
+    """(what an item adds to a pack, what it holds while read ahead: its message and its
+    shared-memory segment), measured once per item."""
+    size = request_bytes(item[0])
+    return size, size + (item[2].size if item[2] is not None else 0)
 
 
 def discarder(pool: Optional[_shm.SegmentPool]) -> Callable[[Item], None]:
@@ -87,27 +84,29 @@ def take(ready: "collections.deque[T]", size: Callable[[T], int]) -> list[T]:
 
 
 class _ReadAhead(Generic[T]):
-    """The items read but not taken yet, and their weight."""
+    """The items read but not taken yet, each with its pack size and weight, and their
+    total weight."""
 
-    def __init__(self, weight: Callable[[T], int]):
-        self.items: collections.deque[T] = collections.deque()
-        self.weight = weight
+    def __init__(self, measure: Callable[[T], tuple[int, int]]):
+        self.items: collections.deque[tuple[T, int, int]] = collections.deque()
+        self.measure = measure
         self.bytes = 0
 
     def full(self) -> bool:
         return len(self.items) >= READ_AHEAD or (bool(self.items) and self.bytes >= READ_AHEAD_BYTES)
 
     def add(self, item: T) -> None:
-        self.items.append(item)
-        self.bytes += self.weight(item)
+        size, weight = self.measure(item)
+        self.items.append((item, size, weight))
+        self.bytes += weight
 
-    def take(self, size: Callable[[T], int]) -> list[T]:
-        taken = take(self.items, size)
-        self.bytes -= sum(self.weight(item) for item in taken)
-        return taken
+    def take(self) -> list[T]:
+        taken = take(self.items, lambda entry: entry[1])
+        self.bytes -= sum(weight for _, _, weight in taken)
+        return [item for item, _, _ in taken]
 
     def clear(self) -> list[T]:
-        left = list(self.items)
+        left = [item for item, _, _ in self.items]
         self.items.clear()
         self.bytes = 0
         return left
@@ -118,13 +117,10 @@ class Pump(Generic[T]):
     `take` hands out what is ready. The caller's iterator may block (a data loader, a
     window of requests in flight) while what it already gave is being sent."""
 
-    def __init__(
-        self, source: Iterator[T], size: Callable[[T], int], weight: Callable[[T], int], discard: Callable[[T], None]
-    ):
+    def __init__(self, source: Iterator[T], measure: Callable[[T], tuple[int, int]], discard: Callable[[T], None]):
         self._source = source
-        self._size = size
         self._discard = discard  # for items read but never taken
-        self._ahead = _ReadAhead(weight)
+        self._ahead = _ReadAhead(measure)
         self._cond = threading.Condition()
         self._done = False  # the source is exhausted or failed
         self._closed = False
@@ -159,7 +155,7 @@ class Pump(Generic[T]):
                 self._cond.wait()
             if not self._ahead.items or self._closed:
                 return []
-            taken = self._ahead.take(self._size)
+            taken = self._ahead.take()
             record(taken)
             self._cond.notify_all()
             return taken
@@ -179,12 +175,11 @@ class AsyncPump(Generic[T]):
     """Pump for the AsyncClient: a task reads `source` ahead."""
 
     def __init__(
-        self, source: AsyncIterator[T], size: Callable[[T], int], weight: Callable[[T], int], discard: Callable[[T], None]
+        self, source: AsyncIterator[T], measure: Callable[[T], tuple[int, int]], discard: Callable[[T], None]
     ):
         self._source = source
-        self._size = size
         self._discard = discard
-        self._ahead = _ReadAhead(weight)
+        self._ahead = _ReadAhead(measure)
         self._holding: Optional[T] = None  # an item read while the read-ahead is full
         self._changed = asyncio.Event()  # set whenever the read-ahead or _done changes
         self._done = False
@@ -222,7 +217,7 @@ class AsyncPump(Generic[T]):
             await self._changed.wait()
         if not self._ahead.items or self._closed:
             return []
-        taken = self._ahead.take(self._size)
+        taken = self._ahead.take()
         self._notify()
         return taken
 

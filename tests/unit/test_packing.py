@@ -17,7 +17,7 @@ from normserve.client._packing import PACK_MAX_BYTES, PACK_MAX_REQUESTS, READ_AH
 from normserve.client._proto import normserve_pb2 as pb
 
 
-ONE = lambda _: 1  # noqa: E731 - every item sized and weighed 1
+MEASURE_ONE = lambda _: (1, 1)  # noqa: E731 - every item sized and weighed 1
 KEEP = NOTE = lambda _: None  # noqa: E731
 
 
@@ -64,7 +64,7 @@ def test_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
         while True:
             yield next(pulled)
 
-    pump = _packing.Pump(endless(), ONE, ONE, discarded.append)
+    pump = _packing.Pump(endless(), MEASURE_ONE, discarded.append)
     wait_for(lambda: len(pump._ahead.items) == READ_AHEAD)
     time.sleep(0.05)
     assert len(pump._ahead.items) == READ_AHEAD  # it stopped there
@@ -81,7 +81,7 @@ def test_pump_hands_out_everything_then_the_error():
         yield from range(3)
         raise ValueError("bad batch")
 
-    pump = _packing.Pump(failing(), ONE, ONE, KEEP)
+    pump = _packing.Pump(failing(), MEASURE_ONE, KEEP)
     taken = []
     while batch := pump.take(NOTE):
         taken += batch
@@ -96,7 +96,7 @@ def test_pump_take_waits_for_the_first_item_only():
         release.wait(10)
         yield 2
 
-    pump = _packing.Pump(slow(), ONE, ONE, KEEP)
+    pump = _packing.Pump(slow(), MEASURE_ONE, KEEP)
     assert pump.take(NOTE) == [1]  # does not wait for the second
     release.set()
     assert pump.take(NOTE) == [2] and pump.take(NOTE) == []
@@ -116,7 +116,7 @@ def test_async_pump_reads_ahead_a_bounded_distance_and_discards_on_close():
             for _ in range(4 * READ_AHEAD):
                 await asyncio.sleep(0)
 
-        pump = _packing.AsyncPump(endless(), ONE, ONE, discarded.append)
+        pump = _packing.AsyncPump(endless(), MEASURE_ONE, discarded.append)
         await settle()
         assert len(pump._ahead.items) == READ_AHEAD
         assert await pump.take() == list(range(PACK_MAX_REQUESTS))
@@ -140,7 +140,7 @@ def test_async_pump_hands_out_everything_then_the_error(error):
             yield 1
             raise error
 
-        pump = _packing.AsyncPump(failing(), ONE, ONE, KEEP)
+        pump = _packing.AsyncPump(failing(), MEASURE_ONE, KEEP)
         assert await pump.take() == [1] and await pump.take() == []
         assert pump.error is error
 
@@ -150,13 +150,13 @@ def test_async_pump_hands_out_everything_then_the_error(error):
 def test_read_ahead_is_bounded_by_bytes_too():
     """Shared-memory segments are weighed: big batches are read ahead one or a few at a time."""
     for weight, ahead in ((3 << 20, 3), (20 << 20, 1)):
-        pump = _packing.Pump(itertools.repeat("x"), ONE, lambda _, w=weight: w, KEEP)
+        pump = _packing.Pump(itertools.repeat("x"), lambda _, w=weight: (1, w), KEEP)
         wait_for(lambda: len(pump._ahead.items) == ahead)
         time.sleep(0.05)
         assert len(pump._ahead.items) == ahead
         pump.close()
-    assert _packing.item_weight((pb.NormalizeRequest(layer="l"), None, None)) == 3
+    assert _packing.measure((pb.NormalizeRequest(layer="l"), None, None)) == (3, 3)
 @pytest.mark.parametrize("n", [0, 1, 5])
 def test_pump_of_a_short_source_ends(n):
-    pump = _packing.Pump(iter(range(n)), ONE, ONE, KEEP)
+    pump = _packing.Pump(iter(range(n)), MEASURE_ONE, KEEP)
     assert pump.take(NOTE) == list(range(n))[:PACK_MAX_REQUESTS] and pump.take(NOTE) == [] and pump.error is None
