@@ -268,10 +268,13 @@ def seed_for(wl: str, mode: str, i: int) -> int:
 
 # -- servers -------------------------------------------------------------------------------
 def start_normserve(durability: str, *extra: str) -> Any:
-    """`normserve serve` on 127.0.0.1:0 via tests/serverproc.py; fails loudly if it exits."""
+    """`normserve serve` on 127.0.0.1:0 via tests/serverproc.py; fails loudly if it exits.
+    In its own session, like the lean server: where the kernel schedules by autogroup
+    (sessions), a server inside the benchmark's session would share one CPU slice with
+    all the client processes while the lean server had a slice of its own."""
     from serverproc import ServerProcess
 
-    server = ServerProcess("--durability", durability, "--metrics-port", "-1", *extra)
+    server = ServerProcess("--durability", durability, "--metrics-port", "-1", *extra, new_session=True)
     server.start()
     if not server.target or server.proc is None or server.proc.poll() is not None:
         code = server.stop()

@@ -25,8 +25,12 @@ class ServerProcess:
         env: Optional[dict[str, str]] = None,
         state_dir: Optional[str] = None,
         startup_timeout: float = 60.0,
+        new_session: bool = False,
     ):
-        """`state_dir` None gives the server a fresh temporary one (removed at stop())."""
+        """`state_dir` None gives the server a fresh temporary one (removed at stop()).
+        `new_session` runs it in its own session, as a deployed server runs apart from its
+        clients: with the kernel's autogroup scheduling a session is the unit that shares
+        the CPU, so a benchmark's server must not compete inside its clients' session."""
         self._own_state_dir = state_dir is None and "--state-dir" not in args
         self.state_dir = tempfile.mkdtemp(prefix="normserve-state-") if self._own_state_dir else state_dir
         if self.state_dir is not None:
@@ -34,6 +38,7 @@ class ServerProcess:
         self.args: Sequence[str] = args
         self.env = {**os.environ, **(env or {})}
         self.startup_timeout = startup_timeout
+        self.new_session = new_session
         self.lines: list[str] = []
         self.proc: Optional[subprocess.Popen[str]] = None
         self.target = ""
@@ -47,7 +52,8 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "normserve", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
         cmd += ["--device", "cpu", *self.args]
         self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1
+            cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
+            start_new_session=self.new_session,
         )
         threading.Thread(target=self._drain, daemon=True).start()
         if not self._ready.wait(self.startup_timeout):
