@@ -392,17 +392,29 @@ class AsyncClient:
         except StopAsyncIteration:
             first = None
         local_error: list[BaseException] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         pump: Optional[_packing.AsyncPump[_packing.Item]] = None
+        replay: _packing.Replay[_packing.Item] = _packing.Replay()
         if (first is None or _packing.packs(first[0])) and await self._packs_supported(md, timeout):  # see _packing
             pump = _packing.AsyncPump(_prepend(first, items), _packing.measure, _packing.discarder(self._segments))
-            call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
+            messages = self._packs(pump, sent, local_error, replay)
+            call = self._packed_stream(messages, timeout=core.remaining(deadline), metadata=md)
         else:
             messages = self._requests(_prepend(first, items), sent, local_error)
             call = self._stream(messages, timeout=timeout, metadata=md)
         try:
-            async for response in call:
-                for answer in response.responses if pump is not None else (response,):
-                    yield core.stream_answer(answer, sent, self._segments)
+            try:
+                async for result in self._answers(call, pump is not None, sent, replay):
+                    yield result
+            except grpc.RpcError as e:
+                if pump is None or not replay.usable(e, masked=True):
+                    raise
+                # As in Client: a replica without NormalizeStreamPacked; NormalizeStream instead.
+                pump.requeue(lambda: replay.refuse(sent))
+                messages = self._unpacked(pump, sent, local_error)
+                call = self._stream(messages, timeout=core.remaining(deadline), metadata=md)
+                async for result in self._answers(call, False, sent, replay):
+                    yield result
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             if local_error and err.code == grpc.StatusCode.CANCELLED:
@@ -415,6 +427,14 @@ class AsyncClient:
             core.settle_unanswered(self._segments, sent)
         if local_error:
             raise local_error[0]
+
+    async def _answers(
+        self, call: Any, packed: bool, sent: "collections.deque[Any]", replay: "_packing.Replay[Any]"
+    ) -> AsyncIterator[NormalizeResult[Any]]:
+        async for response in call:
+            replay.answered()
+            for answer in response.responses if packed else (response,):
+                yield core.stream_answer(answer, sent, self._segments)
 
     @staticmethod
     async def _requests(
@@ -432,12 +452,28 @@ class AsyncClient:
 
     @staticmethod
     async def _packs(
-        pump: "_packing.AsyncPump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]
+        pump: "_packing.AsyncPump[_packing.Item]",
+        sent: "collections.deque[Any]",
+        local_error: list[BaseException],
+        replay: "_packing.Replay[_packing.Item]",
     ) -> AsyncIterator[Any]:
         """NormalizeStreamPacked's messages: what the pump has ready, one pack at a time."""
-        while taken := await pump.take():
+        while taken := await pump.take(stop=lambda: replay.refused):
+            replay.record(taken)
             sent.extend((device, segment) for _, device, segment in taken)
             yield _packing.pack([request for request, _, _ in taken])
+        if pump.error is not None and not replay.refused:
+            local_error.append(pump.error)
+
+    @staticmethod
+    async def _unpacked(
+        pump: "_packing.AsyncPump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]
+    ) -> AsyncIterator[Any]:
+        """As Client._unpacked."""
+        while taken := await pump.take():
+            sent.extend((device, segment) for _, device, segment in taken)
+            for request, _, _ in taken:
+                yield request
         if pump.error is not None:
             local_error.append(pump.error)
 

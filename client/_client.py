@@ -356,7 +356,9 @@ class Client:
         small batches are read from `batches` ahead of time (see the README: packed
         streams), so some after it may have been taken from the iterator.
         `timeout` bounds the whole stream; the client's default per-call timeout does not
-        apply to streams. Streams are not retried.
+        apply to streams. Streams are not retried, except that a packed stream refused by
+        a server without NormalizeStreamPacked (before it ran anything) is sent again over
+        NormalizeStream (see the README: packed streams).
         """
         results = self.normalize_stream_results(layer, batches, mode, timeout=timeout, metadata=metadata)
         try:
@@ -386,19 +388,29 @@ class Client:
 
         items = prepared()
         first = next(items, None)
+        source = itertools.chain([] if first is None else [first], items)
         local_error: list[BaseException] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         pump: Optional[_packing.Pump[_packing.Item]] = None
+        replay: _packing.Replay[_packing.Item] = _packing.Replay()
         if (first is None or _packing.packs(first[0])) and self._packs_supported(md, timeout):  # see _packing
-            source = itertools.chain([] if first is None else [first], items)
             pump = _packing.Pump(source, _packing.measure, _packing.discarder(self._segments))
-            call = self._packed_stream(self._packs(pump, sent, local_error), timeout=timeout, metadata=md)
+            messages = self._packs(pump, sent, local_error, replay)
+            call = self._packed_stream(messages, timeout=core.remaining(deadline), metadata=md)
         else:
-            messages = self._requests(itertools.chain([] if first is None else [first], items), sent, local_error)
-            call = self._stream(messages, timeout=timeout, metadata=md)
+            call = self._stream(self._requests(source, sent, local_error), timeout=timeout, metadata=md)
         try:
-            for response in call:
-                for answer in response.responses if pump is not None else (response,):
-                    yield core.stream_answer(answer, sent, self._segments)
+            try:
+                yield from self._answers(call, pump is not None, sent, replay)
+            except grpc.RpcError as e:
+                if pump is None or not replay.usable(e):
+                    raise
+                # A replica without NormalizeStreamPacked refused the stream before running
+                # any of it: the same requests, and the rest, go over NormalizeStream.
+                pump.requeue(lambda: replay.refuse(sent))
+                messages = self._unpacked(pump, sent, local_error)
+                call = self._stream(messages, timeout=core.remaining(deadline), metadata=md)
+                yield from self._answers(call, False, sent, replay)
         except grpc.RpcError as e:
             err = from_rpc_error(e)
             if local_error and err.code == grpc.StatusCode.CANCELLED:
@@ -411,6 +423,14 @@ class Client:
             core.settle_unanswered(self._segments, sent)
         if local_error:
             raise local_error[0]
+
+    def _answers(
+        self, call: Any, packed: bool, sent: "collections.deque[Any]", replay: "_packing.Replay[Any]"
+    ) -> Iterator[NormalizeResult[Any]]:
+        for response in call:
+            replay.answered()
+            for answer in response.responses if packed else (response,):
+                yield core.stream_answer(answer, sent, self._segments)
 
     @staticmethod
     def _requests(items: Iterator[Any], sent: "collections.deque[Any]", local_error: list[BaseException]) -> Iterator[Any]:
@@ -427,11 +447,30 @@ class Client:
 
     @staticmethod
     def _packs(
-        pump: "_packing.Pump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]
+        pump: "_packing.Pump[_packing.Item]",
+        sent: "collections.deque[Any]",
+        local_error: list[BaseException],
+        replay: "_packing.Replay[_packing.Item]",
     ) -> Iterator[Any]:
         """NormalizeStreamPacked's messages: what the pump has ready, one pack at a time."""
-        while taken := pump.take(lambda taken: sent.extend((device, segment) for _, device, segment in taken)):
+
+        def record(taken: list[_packing.Item]) -> None:
+            replay.record(taken)
+            sent.extend((device, segment) for _, device, segment in taken)
+
+        while taken := pump.take(record, stop=lambda: replay.refused):
             yield _packing.pack([request for request, _, _ in taken])
+        if pump.error is not None and not replay.refused:
+            local_error.append(pump.error)
+
+    @staticmethod
+    def _unpacked(
+        pump: "_packing.Pump[_packing.Item]", sent: "collections.deque[Any]", local_error: list[BaseException]
+    ) -> Iterator[Any]:
+        """NormalizeStream's messages for a stream the server refused packed: one request
+        per message, from the pump (which holds the refused ones first)."""
+        while taken := pump.take(lambda taken: sent.extend((device, segment) for _, device, segment in taken)):
+            yield from (request for request, _, _ in taken)
         if pump.error is not None:
             local_error.append(pump.error)
 

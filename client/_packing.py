@@ -9,6 +9,11 @@ A stream whose first request carries a tensor of 32 KiB or more (wire.MIN_FRAMED
 NormalizeStream instead: there the bytes, not the messages, are the cost, and its messages
 carry the tensor without protobuf copying it. Requests through shared memory are small
 whatever the tensor, so they are packed; their segments count towards the read-ahead.
+
+A client asks once whether the server has NormalizeStreamPacked. Behind a balancer, a
+stream may still reach a replica of an older version, which refuses it (UNIMPLEMENTED)
+before running any of it: the requests sent until the first answer are kept (Replay), and
+then sent again, with the rest, over NormalizeStream.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ import collections
 import threading
 from typing import Any, AsyncIterator, Callable, Generic, Iterator, Optional, TypeVar
 
+import grpc
+
 from . import _shm, wire
 from ._proto import normserve_pb2 as pb
 
 T = TypeVar("T")
+
+_AIO_WRITE_AFTER_END = "Internal error from Core"
 
 # Requests per pack at most (the server takes up to 1,024), and the bytes a pack may reach
 # before it is sent with what it holds: packs stay far below any message size limit.
@@ -100,6 +109,12 @@ class _ReadAhead(Generic[T]):
         self.items.append((item, size, weight))
         self.bytes += weight
 
+    def push_front(self, items: list[T]) -> None:
+        for item in reversed(items):
+            size, weight = self.measure(item)
+            self.items.appendleft((item, size, weight))
+            self.bytes += weight
+
     def take(self) -> list[T]:
         taken = take(self.items, lambda entry: entry[1])
         self.bytes -= sum(weight for _, _, weight in taken)
@@ -110,6 +125,53 @@ class _ReadAhead(Generic[T]):
         self.items.clear()
         self.bytes = 0
         return left
+
+
+class Replay(Generic[T]):
+    """A packed stream's items from its start until its first answer. If the server
+    refuses the packed RPC before answering, `refuse` hands them back (for the pump to send
+    again, first, over NormalizeStream), and from then on the refused call's sender takes
+    nothing more from the pump (`refused`)."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[T] = collections.deque()
+        self.keeping = True  # until the first answer: afterwards nothing is sent again
+        self.refused = False
+
+    def answered(self) -> None:
+        # Not under the pump's lock: a pack recorded at the same moment may stay in `items`,
+        # unused, until the stream ends.
+        if self.keeping:
+            self.keeping = False
+            self.items.clear()
+
+    def record(self, taken: list[T]) -> None:
+        if self.keeping:
+            self.items.extend(taken)
+
+    def refuse(self, sent: "collections.deque[Any]") -> list[T]:
+        """The items to send again; what the refused call recorded as sent (`sent`) is
+        recorded again as the new call takes them."""
+        self.refused = True
+        self.keeping = False
+        sent.clear()
+        kept = list(self.items)
+        self.items.clear()
+        return kept
+
+    def usable(self, error: grpc.RpcError, masked: bool = False) -> bool:
+        """Whether a packed call that failed with `error` is sent again unpacked: the
+        server has no NormalizeStreamPacked, and so ran nothing. With `masked` (grpc.aio),
+        also when a write into the call after the server had ended it replaced that status
+        with a local INTERNAL (grpc/grpc#36066): then the server may have run requests whose
+        answers were lost, and sending them again is safe within its idempotency window
+        (train requests carry ids the server applies once; eval changes nothing)."""
+        if not self.keeping:
+            return False
+        code = error.code()
+        return code == grpc.StatusCode.UNIMPLEMENTED or (
+            masked and code == grpc.StatusCode.INTERNAL and error.details() == _AIO_WRITE_AFTER_END
+        )
 
 
 class Pump(Generic[T]):
@@ -146,19 +208,27 @@ class Pump(Generic[T]):
                 self._done = True
                 self._cond.notify_all()
 
-    def take(self, record: Callable[[list[T]], None]) -> list[T]:
-        """The ready items that fit one pack, waiting for the first; [] at the end (or once
-        closed). `record` sees them first, under the lock: once close() has returned, no
-        item is handed out any more."""
+    def take(self, record: Callable[[list[T]], None], stop: Callable[[], bool] = lambda: False) -> list[T]:
+        """The ready items that fit one pack, waiting for the first; [] at the end, once
+        closed, or once `stop()` (asked under the lock; see requeue). `record` sees them
+        first, under the lock: once close() has returned, no item is handed out any more."""
         with self._cond:
-            while not self._ahead.items and not self._done and not self._closed:
+            while not self._ahead.items and not self._done and not self._closed and not stop():
                 self._cond.wait()
-            if not self._ahead.items or self._closed:
+            if not self._ahead.items or self._closed or stop():
                 return []
             taken = self._ahead.take()
             record(taken)
             self._cond.notify_all()
             return taken
+
+    def requeue(self, take_back: Callable[[], list[T]]) -> None:
+        """Under the lock: the items `take_back()` returns (taken before) go back in front,
+        to be taken again first (or discarded by close()); then every take() asks its
+        `stop` again."""
+        with self._cond:
+            self._ahead.push_front(take_back())
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop reading and discard what was read but not taken (an item being read now
@@ -210,16 +280,21 @@ class AsyncPump(Generic[T]):
             self._done = True
             self._notify()
 
-    async def take(self) -> list[T]:
-        """The ready items that fit one pack, waiting for the first; [] at the end (or
-        once closed)."""
-        while not self._ahead.items and not self._done and not self._closed:
+    async def take(self, stop: Callable[[], bool] = lambda: False) -> list[T]:
+        """The ready items that fit one pack, waiting for the first; [] at the end, once
+        closed, or once `stop()` (see requeue)."""
+        while not self._ahead.items and not self._done and not self._closed and not stop():
             await self._changed.wait()
-        if not self._ahead.items or self._closed:
+        if not self._ahead.items or self._closed or stop():
             return []
         taken = self._ahead.take()
         self._notify()
         return taken
+
+    def requeue(self, take_back: Callable[[], list[T]]) -> None:
+        """As Pump.requeue."""
+        self._ahead.push_front(take_back())
+        self._notify()
 
     def close(self) -> None:
         """Stop reading and discard what was read but not taken."""

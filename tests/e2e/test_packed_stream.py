@@ -225,29 +225,73 @@ def test_sdk_packed_stream_raises_the_error_at_its_position(client, name):
 
 
 # -- a server without NormalizeStreamPacked --------------------------------------------------------
-@pytest.fixture(scope="module")
-def older_server(server):
-    """A server of the API before NormalizeStreamPacked: a proxy on 127.0.0.1 that forwards
-    every other NormService method to the real server, so this one is UNIMPLEMENTED."""
+def proxy(server, **stream_handlers):
+    """A proxy on 127.0.0.1 that forwards every NormService method to the real server.
+    A stream method named in `stream_handlers` gets `factory(forward)` as its handler
+    instead (factory None: the proxy has no such method)."""
     upstream = grpc.insecure_channel(server.target)
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["NormService"].methods:
-        if method.name == "NormalizeStreamPacked":
-            continue
         path = f"/{SERVICE}/{method.name}"
         if method.client_streaming:
             forward = upstream.stream_stream(path, request_serializer=None, response_deserializer=None)
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(lambda it, ctx, f=forward: f(it))
+            factory = stream_handlers.get(method.name, lambda f: lambda it, ctx: f(it))
+            if factory is not None:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(factory(forward))
         else:
             forward = upstream.unary_unary(path, request_serializer=None, response_deserializer=None)
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(lambda req, ctx, f=forward: f(req))
-    proxy = grpc.server(ThreadPoolExecutor(8))
-    proxy.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = proxy.add_insecure_port("127.0.0.1:0")
-    proxy.start()
-    yield f"127.0.0.1:{port}"
-    proxy.stop(None)
-    upstream.close()
+    server = grpc.server(ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return f"127.0.0.1:{port}", lambda: (server.stop(None), upstream.close())
+
+
+@pytest.fixture(scope="module")
+def older_server(server):
+    """A server of the API before NormalizeStreamPacked."""
+    target, stop = proxy(server, NormalizeStreamPacked=None)
+    yield target
+    stop()
+
+
+@pytest.fixture
+def mixed_versions(server):
+    """Replicas of two versions behind a balancer: the client's question (the first
+    NormalizeStreamPacked call) reaches one that has the RPC, every later packed stream
+    one that answers UNIMPLEMENTED, as a server without the method does (after `delay`
+    seconds, while the client sends packs; `stream_refusal`: NormalizeStream is refused
+    too, with that status)."""
+    stops = []
+
+    def make(delay=0.0, stream_refusal=None):
+        calls = itertools.count()
+
+        def packed(forward):
+            def handler(requests, context):
+                if next(calls):
+                    time.sleep(delay)
+                    context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+                return forward(requests)
+
+            return handler
+
+        def stream(forward):
+            def handler(requests, context):
+                if stream_refusal is not None:
+                    context.abort(stream_refusal, "refused by the test")
+                return forward(requests)
+
+            return handler
+
+        target, stop = proxy(server, NormalizeStreamPacked=packed, NormalizeStream=stream)
+        stops.append(stop)
+        return target
+
+    yield make
+    for stop in stops:
+        stop()
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -276,3 +320,84 @@ def test_sdk_streams_unpacked_to_a_server_without_packs(older_server, name, kind
         outputs = asyncio.run(main())
     for got, want in zip(outputs, expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+def windowed(batches, window: threading.Semaphore):
+    """The caller's iterator of a window of requests in flight: the next batch only once
+    an answer has freed a place."""
+    for x in batches:
+        window.acquire()
+        yield x
+
+
+def segments_settled(client) -> bool:
+    pool = client._segments
+    return len(pool._free) == len(pool._all)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+@pytest.mark.parametrize("kind", ["sync", "async", "sync-shm", "async-shm"])
+def test_sdk_sends_a_refused_packed_stream_again_unpacked(mixed_versions, name, kind, delay):
+    """Every batch is applied once, in order: outputs and running stats match torch (a
+    refusal after 0.3 s: several packs were sent and are sent again)."""
+    target = mixed_versions(delay)
+    shm = kind.endswith("shm")
+    g = np.random.default_rng(11)
+    batches = [g.normal(g.uniform(-2, 2), 1.5, (6, 4)).astype(np.float32) for _ in range(300)]
+    local = torch.nn.BatchNorm1d(4, momentum=None)
+    expected = local_outputs(local, batches, train=True)
+    halves = (batches[:150], batches[150:])  # two streams: each is refused, each is sent again
+    if kind.startswith("sync"):
+        with Client(target, timeout=30, shared_memory=shm) as c:
+            c.create_layer(name, "BatchNorm1d", num_features=4, momentum=None)
+            window = threading.Semaphore(100)
+            outputs = []
+            for half in halves:
+                for y in c.normalize_stream(name, windowed(half, window), mode="train"):
+                    outputs.append(y)
+                    window.release()
+            assert c._packed is True  # the next stream may reach a replica that has packs
+            assert not shm or segments_settled(c)
+            assert_state(c, name, local)
+    else:
+
+        async def main():
+            async with AsyncClient(target, timeout=30, shared_memory=shm) as c:
+                await c.create_layer(name, "BatchNorm1d", num_features=4, momentum=None)
+                got = []
+                for half in halves:
+                    got += [y async for y in c.normalize_stream(name, half, mode="train")]
+                assert c._packed is True
+                assert not shm or segments_settled(c)
+                return got
+
+        outputs = asyncio.run(main())
+        with Client(target, timeout=30) as c:
+            assert_state(c, name, local)
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_refused_packed_stream_whose_resend_fails_raises_its_error_and_leaks_no_segment(mixed_versions, name, kind):
+    target = mixed_versions(0.3, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    batches = [np.ones((6, 4), np.float32) * i for i in range(150)]
+    if kind == "sync":
+        with Client(target, timeout=30, shared_memory=True) as c:
+            c.create_layer(name, "BatchNorm1d", num_features=4)
+            with pytest.raises(E.ResourceExhaustedError, match="refused by the test"):
+                list(c.normalize_stream(name, batches, mode="train"))
+            assert segments_settled(c)
+            assert c.get_layer(name).state.version == 0
+    else:
+
+        async def main():
+            async with AsyncClient(target, timeout=30, shared_memory=True) as c:
+                await c.create_layer(name, "BatchNorm1d", num_features=4)
+                # grpc.aio may report a refusal that meets a write as INTERNAL (grpc/grpc#36066)
+                with pytest.raises((E.ResourceExhaustedError, E.InternalError)):
+                    [y async for y in c.normalize_stream(name, batches, mode="train")]
+                assert segments_settled(c)
+                assert (await c.get_layer(name)).state.version == 0
+
+        asyncio.run(main())

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import queue
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -160,3 +162,99 @@ def test_read_ahead_is_bounded_by_bytes_too():
 def test_pump_of_a_short_source_ends(n):
     pump = _packing.Pump(iter(range(n)), MEASURE_ONE, KEEP)
     assert pump.take(NOTE) == list(range(n))[:PACK_MAX_REQUESTS] and pump.take(NOTE) == [] and pump.error is None
+
+
+# -- sending a refused packed stream again ---------------------------------------------------
+class Failed(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize(
+    "code, details, usable, masked_usable",
+    [
+        (grpc.StatusCode.UNIMPLEMENTED, "Method not found!", True, True),
+        (grpc.StatusCode.INTERNAL, "Internal error from Core", False, True),  # grpc.aio's mask of it
+        (grpc.StatusCode.INTERNAL, "something broke", False, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open streams", False, False),
+        (grpc.StatusCode.UNAVAILABLE, "connection reset", False, False),
+    ],
+)
+def test_replay_is_used_only_for_a_refused_rpc_before_any_answer(code, details, usable, masked_usable):
+    replay = _packing.Replay()
+    assert replay.usable(Failed(code, details)) is usable
+    assert replay.usable(Failed(code, details), masked=True) is masked_usable
+    replay.answered()
+    assert replay.usable(Failed(code, details), masked=True) is False
+
+
+def test_replay_keeps_what_was_sent_until_the_first_answer_only():
+    replay = _packing.Replay()
+    replay.record([1, 2])
+    replay.record([3])
+    assert list(replay.items) == [1, 2, 3]
+    replay.answered()
+    replay.record([4])
+    assert not replay.items
+
+
+def test_a_refused_streams_items_are_taken_again_first_and_its_sender_takes_nothing_more():
+    gate: queue.Queue = queue.Queue()
+    discarded: list = []
+    pump = _packing.Pump(iter(gate.get, None), MEASURE_ONE, discarded.append)  # items as the test lets them
+    replay = _packing.Replay()
+    sent = collections.deque()
+
+    def record(taken):  # as the packed call's sender records what it sends
+        replay.record(taken)
+        sent.extend(taken)
+
+    gate.put(0)
+    gate.put(1)
+    wait_for(lambda: len(pump._ahead.items) == 2)
+    assert pump.take(record, stop=lambda: replay.refused) == [0, 1]
+    # The call is refused while its sender waits for more.
+    after_refusal: list = []
+    sender = threading.Thread(target=lambda: after_refusal.append(pump.take(record, stop=lambda: replay.refused)))
+    sender.start()
+    time.sleep(0.05)
+    assert sender.is_alive()
+    pump.requeue(lambda: replay.refuse(sent))
+    sender.join(5)
+    assert after_refusal == [[]] and not sent  # what the new call takes is recorded anew
+    gate.put(2)
+    wait_for(lambda: len(pump._ahead.items) == 3)
+    assert pump.take(sent.extend) == [0, 1, 2] and list(sent) == [0, 1, 2]
+    gate.put(3)
+    wait_for(lambda: len(pump._ahead.items) == 1)
+    replay2 = _packing.Replay()
+    replay2.record([2])
+    pump.requeue(lambda: replay2.refuse(collections.deque()))
+    pump.close()  # a stream ending before the new call took them: the items are discarded
+    assert discarded == [2, 3]
+
+
+def test_async_pump_requeues_a_refused_streams_items_in_front():
+    async def main():
+        async def three():
+            for i in range(3):
+                yield i
+
+        pump = _packing.AsyncPump(three(), MEASURE_ONE, KEEP)
+        for _ in range(10):
+            await asyncio.sleep(0)  # the pump reads all three
+        replay = _packing.Replay()
+        first = await pump.take()
+        replay.record(first)
+        pump.requeue(lambda: replay.refuse(collections.deque()))
+        assert await pump.take(stop=lambda: replay.refused) == []
+        return first, await pump.take()
+
+    first, again = asyncio.run(main())
+    assert first == [0, 1, 2] and again == [0, 1, 2]
