@@ -181,6 +181,9 @@ class AsyncClient:
                 result, error = await self._run(call, timeout, metadata), None
             except NormServeError as e:
                 result, error = None, e
+            except BaseException:  # e.g. cancelled: the program gives back what it holds now
+                program.close()
+                raise
 
     # -- health ----------------------------------------------------------------------------
     async def health(
@@ -423,7 +426,7 @@ class AsyncClient:
         finally:
             call.cancel()
             if pump is not None:
-                pump.close()
+                await pump.aclose()
             core.settle_unanswered(self._segments, sent)
         if local_error:
             raise local_error[0]

@@ -174,6 +174,9 @@ class Client:
                 result, error = self._run(call, timeout, metadata), None
             except NormServeError as e:
                 result, error = None, e
+            except BaseException:  # e.g. cancelled: the program gives back what it holds now
+                program.close()
+                raise
 
     # -- health ----------------------------------------------------------------------------
     def health(self, service: str = "", *, timeout: Optional[float] = None, metadata: Optional[Metadata] = None) -> str:

@@ -31,6 +31,7 @@ from ._proto import normserve_pb2 as pb
 T = TypeVar("T")
 
 _AIO_WRITE_AFTER_END = "Internal error from Core"
+_READER_EXIT_SECONDS = 1.0
 
 # Requests per pack at most (the server takes up to 1,024), and the bytes a pack may reach
 # before it is sent with what it holds: packs stay far below any message size limit.
@@ -307,3 +308,9 @@ class AsyncPump(Generic[T]):
         for item in left:
             self._discard(item)
         self._notify()
+
+    async def aclose(self) -> None:
+        """close(), then wait (a second at most) for the reading task to end: a batch it
+        was preparing (e.g. registering its shared-memory segment) is given back by then."""
+        self.close()
+        await asyncio.wait([self._task], timeout=_READER_EXIT_SECONDS)

@@ -330,8 +330,13 @@ def windowed(batches, window: threading.Semaphore):
         yield x
 
 
-def segments_settled(client) -> bool:
+def segments_settled(client, wait: float = 5.0) -> bool:
+    """Every shared-memory segment is free again (within `wait`: the sync client's reader
+    thread gives back the batch it was preparing once that is done)."""
     pool = client._segments
+    deadline = time.monotonic() + wait
+    while len(pool._free) != len(pool._all) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return len(pool._free) == len(pool._all)
 
 

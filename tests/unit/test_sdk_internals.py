@@ -3,6 +3,7 @@ health messages, channel options, spec comparison and input encoding."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
-from normserve.client import RetryPolicy, _core as core, _shm
+from normserve.client import AsyncClient, Client, RetryPolicy, _core as core, _shm
 from normserve.client import codec, wire
 from normserve.client._proto import normserve_pb2 as pb
 from normserve.client._retry import Attempts
@@ -232,3 +233,46 @@ def test_a_stream_answer_sent_as_bytes_beside_the_message_is_read_for_a_shared_m
             np.testing.assert_array_equal(core.stream_result(response, None, seg).output, expected)
     finally:
         segment.destroy()
+
+
+def _holding_program(events):
+    """A program that holds something (a segment) across its call, and gives it back on
+    any exception, as core.shared_request does."""
+    try:
+        yield core.Call("Normalize", pb.NormalizeRequest(), lambda r: r)
+    except BaseException:
+        events.append("given back")
+        raise
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_call_interrupted_mid_program_closes_the_program_at_once(kind):
+    """Cancelled (or Ctrl-C) during a program's RPC: the program gives back what it holds
+    then, not whenever the garbage collector finalizes it."""
+    events: list[str] = []
+    program = _holding_program(events)
+    if kind == "sync":
+        client = Client("127.0.0.1:1")
+
+        def interrupted(*_):
+            raise KeyboardInterrupt
+
+        client._run = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            client._drive(program, None, None)
+        client.close()
+    else:
+
+        async def main():
+            client = AsyncClient("127.0.0.1:1")
+
+            async def cancelled(*_):
+                raise asyncio.CancelledError
+
+            client._run = cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await client._drive(program, None, None)
+            await client.close()
+
+        asyncio.run(main())
+    assert events == ["given back"]
