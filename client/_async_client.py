@@ -14,7 +14,7 @@ from . import _core as core
 from . import _packing, _shm
 from ._proto import normserve_pb2 as pb
 from ._core import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, CompressionArg, CredentialsArg, Metadata
-from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy, deadline_after, remaining
 from .errors import DeadlineExceededError, NormServeError, UnavailableError, from_rpc_error
 from .types import LayerInfo, NormalizeResult, StateVersion
 
@@ -395,13 +395,13 @@ class AsyncClient:
         except StopAsyncIteration:
             first = None
         local_error: list[BaseException] = []
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         pump: Optional[_packing.AsyncPump[_packing.Item]] = None
         replay: _packing.Replay[_packing.Item] = _packing.Replay()
         if (first is None or _packing.packs(first[0])) and await self._packs_supported(md, timeout):  # see _packing
             pump = _packing.AsyncPump(_prepend(first, items), _packing.measure, _packing.discarder(self._segments))
             messages = self._packs(pump, sent, local_error, replay)
-            call = self._packed_stream(messages, timeout=core.remaining(deadline), metadata=md)
+            call = self._packed_stream(messages, timeout=remaining(deadline), metadata=md)
         else:
             messages = self._requests(_prepend(first, items), sent, local_error)
             call = self._stream(messages, timeout=timeout, metadata=md)
@@ -415,7 +415,7 @@ class AsyncClient:
                 # As in Client: a replica without NormalizeStreamPacked; NormalizeStream instead.
                 pump.requeue(lambda: replay.refuse(sent))
                 messages = self._unpacked(pump, sent, local_error)
-                call = self._stream(messages, timeout=core.remaining(deadline), metadata=md)
+                call = self._stream(messages, timeout=remaining(deadline), metadata=md)
                 async for result in self._answers(call, False, sent, replay):
                     yield result
         except grpc.RpcError as e:
@@ -463,7 +463,7 @@ class AsyncClient:
         """NormalizeStreamPacked's messages: what the pump has ready, one pack at a time."""
         while taken := await pump.take(stop=lambda: replay.refused):
             replay.record(taken)
-            sent.extend((device, segment) for _, device, segment in taken)
+            _packing.note_sent(sent, taken)
             yield _packing.pack([request for request, _, _ in taken])
         if pump.error is not None and not replay.refused:
             local_error.append(pump.error)
@@ -474,7 +474,7 @@ class AsyncClient:
     ) -> AsyncIterator[Any]:
         """As Client._unpacked."""
         while taken := await pump.take():
-            sent.extend((device, segment) for _, device, segment in taken)
+            _packing.note_sent(sent, taken)
             for request, _, _ in taken:
                 yield request
         if pump.error is not None:

@@ -13,7 +13,7 @@ from . import _core as core
 from . import _packing, _shm
 from ._proto import normserve_pb2 as pb
 from ._core import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, CompressionArg, CredentialsArg, Metadata
-from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from ._retry import DEFAULT_RETRY, Attempts, RetryPolicy, deadline_after, remaining
 from .errors import DeadlineExceededError, NormServeError, UnavailableError, from_rpc_error
 from .types import LayerInfo, NormalizeResult, StateVersion
 
@@ -393,13 +393,13 @@ class Client:
         first = next(items, None)
         source = itertools.chain([] if first is None else [first], items)
         local_error: list[BaseException] = []
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = deadline_after(timeout)
         pump: Optional[_packing.Pump[_packing.Item]] = None
         replay: _packing.Replay[_packing.Item] = _packing.Replay()
         if (first is None or _packing.packs(first[0])) and self._packs_supported(md, timeout):  # see _packing
             pump = _packing.Pump(source, _packing.measure, _packing.discarder(self._segments))
             messages = self._packs(pump, sent, local_error, replay)
-            call = self._packed_stream(messages, timeout=core.remaining(deadline), metadata=md)
+            call = self._packed_stream(messages, timeout=remaining(deadline), metadata=md)
         else:
             call = self._stream(self._requests(source, sent, local_error), timeout=timeout, metadata=md)
         try:
@@ -412,7 +412,7 @@ class Client:
                 # any of it: the same requests, and the rest, go over NormalizeStream.
                 pump.requeue(lambda: replay.refuse(sent))
                 messages = self._unpacked(pump, sent, local_error)
-                call = self._stream(messages, timeout=core.remaining(deadline), metadata=md)
+                call = self._stream(messages, timeout=remaining(deadline), metadata=md)
                 yield from self._answers(call, False, sent, replay)
         except grpc.RpcError as e:
             err = from_rpc_error(e)
@@ -459,7 +459,7 @@ class Client:
 
         def record(taken: list[_packing.Item]) -> None:
             replay.record(taken)
-            sent.extend((device, segment) for _, device, segment in taken)
+            _packing.note_sent(sent, taken)
 
         while taken := pump.take(record, stop=lambda: replay.refused):
             yield _packing.pack([request for request, _, _ in taken])
@@ -472,7 +472,7 @@ class Client:
     ) -> Iterator[Any]:
         """NormalizeStream's messages for a stream the server refused packed: one request
         per message, from the pump (which holds the refused ones first)."""
-        while taken := pump.take(lambda taken: sent.extend((device, segment) for _, device, segment in taken)):
+        while taken := pump.take(lambda taken: _packing.note_sent(sent, taken)):
             yield from (request for request, _, _ in taken)
         if pump.error is not None:
             local_error.append(pump.error)

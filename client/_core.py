@@ -14,7 +14,6 @@ import dataclasses
 import importlib.metadata
 import math
 import os
-import time
 import uuid
 import warnings
 from typing import Any, Callable, Generator, Generic, Iterable, Mapping, Optional, Sequence, TypeVar, Union
@@ -176,11 +175,6 @@ def compression(value: CompressionArg) -> Optional[grpc.Compression]:
         return _COMPRESSIONS[value.lower()]
     except (KeyError, AttributeError):
         raise ValueError(f"compression must be one of {sorted(_COMPRESSIONS)} or a grpc.Compression, got {value!r}") from None
-
-
-def remaining(deadline: Optional[float]) -> Optional[float]:
-    """Seconds left until a time.monotonic() deadline (None: no deadline)."""
-    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
 def merge_metadata(default: tuple[tuple[str, str], ...], extra: Optional[Metadata]) -> tuple[tuple[str, str], ...]:

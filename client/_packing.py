@@ -66,6 +66,11 @@ def measure(item: Item) -> tuple[int, int]:
     return size, size + (item[2].size if item[2] is not None else 0)
 
 
+def note_sent(sent: "collections.deque[Any]", taken: list[Item]) -> None:
+    """Record taken items as sent: (device, segment) each, in order (see core.stream_answer)."""
+    sent.extend((device, segment) for _, device, segment in taken)
+
+
 def discarder(pool: Optional[_shm.SegmentPool]) -> Callable[[Item], None]:
     """What to do with an item read ahead but never sent: its segment is free again."""
 

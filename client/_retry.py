@@ -81,12 +81,22 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 DEFAULT_RETRY = RetryPolicy()
 
 
+def deadline_after(timeout: Optional[float]) -> Optional[float]:
+    """The time.monotonic() deadline `timeout` seconds from now (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left until a deadline_after() deadline (None: no deadline)."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
 class Attempts:
     """Bookkeeping for one logical call: the overall deadline and the attempts made."""
 
     def __init__(self, policy: Optional[RetryPolicy], timeout: Optional[float]):
         self.policy = policy or NO_RETRY
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.deadline = deadline_after(timeout)
         self.number = 0
 
     @property
@@ -97,10 +107,9 @@ class Attempts:
     def start(self) -> Optional[float]:
         """Count a new attempt; returns its timeout (seconds, None = no deadline)."""
         self.number += 1
-        limit = self.policy.attempt_timeout
-        if self.deadline is not None:
-            remaining = max(self.deadline - time.monotonic(), 0.0)
-            limit = remaining if limit is None else min(limit, remaining)
+        limit, left = self.policy.attempt_timeout, remaining(self.deadline)
+        if left is not None:
+            limit = left if limit is None else min(limit, left)
         return limit
 
     def next_delay(self, err: NormServeError) -> Optional[float]:
